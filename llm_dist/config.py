@@ -1,0 +1,449 @@
+"""Typed, nested run configuration: dataclasses with defaults, loaded from YAML, overridden on the CLI.
+
+Precedence (later wins): dataclass defaults < `model.preset` < YAML file (`--config path`) < dotted
+`key=value` arguments. Every value is checked against its field's type; unknown keys name the closest
+valid one. `Config.validate(world_size)` checks every invariant in one place and raises `ConfigError`
+with a one-line message *before* any process group, file or directory is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the key, the value and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer shape and architecture choices."""
+
+    preset: str = ""  # named preset applied under the explicit keys (see llm_dist/model/presets.py); "" = none
+    vocab_size: int = 0  # 0 = take it from the tokenizer; always padded up to a multiple of `vocab_multiple`
+    vocab_multiple: int = 64  # pad the embedding/LM head to a multiple of this (faster matmuls)
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 0  # key/value heads for GQA/MQA; 0 = n_head (plain multi-head attention)
+    n_embd: int = 128  # residual stream width
+    mlp: str = "gelu"  # gelu | swiglu
+    mlp_hidden: int = 0  # MLP inner width; 0 = 4*n_embd (gelu) or 8/3*n_embd rounded to mlp_multiple (swiglu)
+    mlp_multiple: int = 256  # round the SwiGLU inner width up to a multiple of this
+    norm: str = "layernorm"  # layernorm | rmsnorm | none
+    norm_position: str = "pre"  # pre | post
+    norm_eps: float = 1e-5  # epsilon inside LayerNorm/RMSNorm
+    pos_emb: str = "learned"  # learned | sinusoidal | rope | none
+    rope_theta: float = 10000.0  # RoPE base frequency
+    dropout: float = 0.0  # dropout on attention probabilities, residual branches and embeddings
+    bias: bool = True  # biases in linear layers and norms
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+    attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | manual (explicit softmax reference)
+    init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2*n_layer)
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer turns text into ids."""
+
+    name: str = "byte"  # byte | gpt2 | path of a tokenizer trained with tools/train_tokenizer.py
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared token shards live and how to make them on first use."""
+
+    dir: str = "data/prepared/shakespeare_byte"  # prepared shards + index.json
+    source: str = "data/tinyshakespeare/input.txt"  # text/glob/fsspec URL/JSONL prepared into `dir` when it has no index
+    text_field: str = "text"  # the field holding the text in JSONL sources
+    val_fraction: float = 0.1  # fraction of the source held out for validation
+    shuffle: bool = True  # shuffle training samples (per epoch, seeded)
+    num_proc: int = 1  # processes for on-the-fly preparation
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine/linear/wsd)
+    weight_decay: float = 0.1  # decoupled weight decay for >=2-D weights (embeddings, matmuls); none on biases/norms
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    fused: str = "auto"  # auto (fused on CUDA) | true | false
+    schedule: str = "cosine"  # cosine | linear | constant | wsd
+    warmup_steps: int = 100  # linear warm-up steps from 0 to the peak
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying to min lr
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    seed: int = 1337  # base seed; each rank derives its own from it
+    max_steps: int = 2000  # optimizer steps
+    batch_size: int = 32  # global batch in sequences per optimizer step (all ranks, all micro-batches)
+    micro_batch_size: int = 32  # sequences per rank per forward/backward
+    batch_ramp_tokens: int = 0  # ramp the global batch linearly over this many tokens; 0 = no ramp
+    batch_ramp_start: int = 0  # global batch (sequences) at the start of the ramp
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
+    detect_anomaly: bool = False  # autograd anomaly detection + a finite-loss check every step (slow; debug)
+    log_interval: int = 10  # log every N steps
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks share the work."""
+
+    strategy: str = "auto"  # auto (ddp under torchrun/srun with >1 rank, else single) | single | ddp
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    ddp_bucket_mb: int = 25  # DDP gradient bucket size in MiB
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    interval: int = 0  # save every N steps (0 = only at the end)
+    keep_last_k: int = 3  # complete checkpoints to keep (the newest); 0 = keep all
+    resume: str = "auto"  # auto (newest complete checkpoint in out_dir, if any) | never | path of a checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    """Where progress goes."""
+
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "llm_dist"  # wandb project name
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+
+
+@dataclass
+class EvalConfig:
+    """Validation and samples during training."""
+
+    interval: int = 250  # validation loss every N steps (and at the end); 0 = only at the end
+    steps: int = 20  # validation batches (global batch each) per evaluation
+    sample_interval: int = 0  # print a sample every N steps; 0 = only at the end
+    sample_tokens: int = 200  # tokens per sample
+    sample_prompt: str = "\n"  # prompt for the samples
+    temperature: float = 0.8  # sampling temperature
+    top_k: int = 200  # sample only from the k most likely tokens; 0 = all
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    out_dir: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, config.yaml
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Check every invariant; raise ConfigError naming the key. Returns self for chaining."""
+        validate(self, world_size)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value to the field's type (strings from the CLI are parsed here)."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - only the leaf types above are used in Config
+        raise TypeError(f"unsupported config field type {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(valid)})")
+
+
+def apply_dict(obj: Any, data: dict, prefix: str = "") -> None:
+    """Merge a nested dict into a dataclass instance in place, type-checking every leaf."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = _fields(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown_key(key, str(name), list(fields))
+        tp = fields[name]
+        if dataclasses.is_dataclass(tp):
+            apply_dict(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+
+
+def apply_override(cfg: Config, arg: str) -> None:
+    """Apply one dotted `key=value` override, e.g. `optim.lr=3e-4` or `model.n_layer=6`."""
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r}: expected key=value, e.g. train.max_steps=100")
+    key, raw = arg.split("=", 1)
+    parts = key.strip().split(".")
+    obj: Any = cfg
+    for i, name in enumerate(parts):
+        fields = _fields(type(obj))
+        sub = ".".join(parts[: i + 1])
+        if name not in fields:
+            raise _unknown_key(sub, name, list(fields))
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(fields[name]):
+                raise ConfigError(f"override {arg!r}: {sub} is a section; set one of its keys, e.g. {sub}.{next(iter(_fields(fields[name])))}=...")
+            setattr(obj, name, _coerce(raw, fields[name], sub))
+        else:
+            if not dataclasses.is_dataclass(fields[name]):
+                raise ConfigError(f"override {arg!r}: {sub} is a value, not a section")
+            obj = getattr(obj, name)
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or `base`) < model preset < YAML < overrides. Does not validate (call `.validate`)."""
+    from llm_dist.model.presets import get_preset  # local: config must import without the model package
+
+    cfg = base if base is not None else Config()
+    data = _read_yaml(path) if path else {}
+    overrides = list(overrides or [])
+    # The preset is applied first so that explicit keys (YAML or CLI) always win over it.
+    preset = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("model.preset=")), None)
+    if preset is None:
+        preset = (data.get("model") or {}).get("preset") if isinstance(data.get("model"), dict) else None
+    if preset:
+        try:
+            apply_dict(cfg.model, get_preset(str(preset)), "model.")
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+    try:
+        apply_dict(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for o in overrides:
+        apply_override(cfg, o)
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, default_config: str | None = None) -> Config:
+    """`[--config PATH] [key=value ...]` -> Config (not yet validated). `--help` prints the keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = default_config
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config: expected a path after it")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("--"):
+            raise ConfigError(f"unknown option {a!r}; expected --config PATH or key=value overrides")
+        else:
+            rest.append(a)
+        i += 1
+    return load_config(path, rest)
+
+
+def help_text() -> str:
+    """Every key with its default and comment, read from this file's dataclasses."""
+    src = Path(__file__).read_text().splitlines()
+    lines = ["usage: [--config PATH] [section.key=value ...]", ""]
+    section = ""
+    for line in src:
+        s = line.strip()
+        if s.startswith("class ") and s.endswith("Config:") and s != "class Config:":
+            section = s[6:-7].lower()  # "class ModelConfig:" -> "model"
+        elif section and ":" in s and "=" in s and "#" in s and not s.startswith(("def", "#", "raise", "if")):
+            name = s.split(":", 1)[0]
+            lines.append(f"  {section}.{name} = {s.split('=', 1)[1].split('#')[0].strip():<12} # {s.split('#', 1)[1].strip()}")
+        elif s.startswith("class Config"):
+            section = ""
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """All cross-field invariants in one place. Raises ConfigError (one line) on the first problem."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple", "mlp_multiple"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("vocab_size", "n_kv_head", "mlp_hidden"):
+        _positive(f"model.{key}", getattr(m, key), allow_zero=True)
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} must be divisible by model.n_head={m.n_head}")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise ConfigError(f"model.n_head={m.n_head} must be divisible by model.n_kv_head={kv} (query heads per KV head)")
+    if m.pos_emb == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(f"model.pos_emb=rope needs an even head dimension, got n_embd/n_head={m.n_embd // m.n_head}")
+    _choice("model.mlp", m.mlp, ("gelu", "swiglu"))
+    _choice("model.norm", m.norm, ("layernorm", "rmsnorm", "none"))
+    _choice("model.norm_position", m.norm_position, ("pre", "post"))
+    _choice("model.pos_emb", m.pos_emb, ("learned", "sinusoidal", "rope", "none"))
+    _choice("model.attn_impl", m.attn_impl, ("sdpa", "manual"))
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: expected a value in [0, 1), got {m.dropout}")
+    _positive("model.init_std", m.init_std)
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.rope_theta", m.rope_theta)
+
+    if not cfg.tokenizer.name:
+        raise ConfigError("tokenizer.name: expected 'byte', 'gpt2' or a tokenizer file path, got ''")
+    if not cfg.data.dir:
+        raise ConfigError("data.dir: expected the directory of prepared shards, got ''")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: expected a value in (0, 1), got {cfg.data.val_fraction}")
+    _positive("data.num_proc", cfg.data.num_proc)
+
+    _positive("optim.lr", o.lr)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {o.min_lr_ratio}")
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}: expected a value in [0, 1), got {getattr(o, key)}")
+    _positive("optim.eps", o.eps)
+    _choice("optim.fused", o.fused, ("auto", "true", "false"))
+    _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant", "wsd"))
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if not 0.0 <= o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction: expected a value in [0, 1], got {o.decay_fraction}")
+
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("train.log_interval", t.log_interval)
+    _positive("train.batch_ramp_tokens", t.batch_ramp_tokens, allow_zero=True)
+    _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16", "fp16"))
+    _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+    step = world_size * t.micro_batch_size
+    if t.batch_size % step:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by world_size*train.micro_batch_size="
+            f"{world_size}*{t.micro_batch_size}={step}")
+    if t.batch_ramp_tokens:
+        if not 0 < t.batch_ramp_start <= t.batch_size or t.batch_ramp_start % step:
+            raise ConfigError(
+                f"train.batch_ramp_start={t.batch_ramp_start} must be in (0, train.batch_size] and divisible by "
+                f"world_size*train.micro_batch_size={step}")
+
+    _choice("parallel.strategy", cfg.parallel.strategy, ("auto", "single", "ddp"))
+    _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
+    _choice("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda"))
+    if cfg.parallel.strategy == "single" and world_size > 1:
+        raise ConfigError(f"parallel.strategy=single cannot run with world_size={world_size}; use ddp")
+    _positive("parallel.ddp_bucket_mb", cfg.parallel.ddp_bucket_mb)
+
+    _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
+    _positive("checkpoint.keep_last_k", cfg.checkpoint.keep_last_k, allow_zero=True)
+    if not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume: expected 'auto', 'never' or a checkpoint path, got ''")
+    _choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
+
+    _positive("eval.interval", cfg.eval.interval, allow_zero=True)
+    _positive("eval.steps", cfg.eval.steps)
+    _positive("eval.sample_interval", cfg.eval.sample_interval, allow_zero=True)
+    _positive("eval.sample_tokens", cfg.eval.sample_tokens, allow_zero=True)
+    _positive("eval.temperature", cfg.eval.temperature, allow_zero=True)
+    _positive("eval.top_k", cfg.eval.top_k, allow_zero=True)
+    if not cfg.out_dir:
+        raise ConfigError("out_dir: expected a run directory, got ''")
