@@ -2,14 +2,59 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from llm_dist.tokenizer.base import EOT, Tokenizer
+from llm_dist.tokenizer.bpe import BPETokenizer, TokenizerFileError, load_bpe_file
+from llm_dist.tokenizer.bpe_train import BPETrainResult, learn_merges, train_bpe
 from llm_dist.tokenizer.byte import ByteTokenizer
+from llm_dist.tokenizer.gpt2 import load_gpt2, load_tiktoken_file, load_vocab_merges
+from llm_dist.tokenizer.pretokenize import CL100K_PATTERN, GPT2_PATTERN, PATTERNS
 
-__all__ = ["EOT", "Tokenizer", "ByteTokenizer", "load_tokenizer"]
+__all__ = [
+    "EOT",
+    "Tokenizer",
+    "ByteTokenizer",
+    "BPETokenizer",
+    "BPETrainResult",
+    "TokenizerFileError",
+    "load_tokenizer",
+    "load_gpt2",
+    "load_bpe_file",
+    "load_tiktoken_file",
+    "load_vocab_merges",
+    "train_bpe",
+    "learn_merges",
+    "GPT2_PATTERN",
+    "CL100K_PATTERN",
+    "PATTERNS",
+]
+
+_EXPECTED = "expected 'byte', 'gpt2', a saved tokenizer .json file, a .tiktoken file or a folder with vocab.json + merges.txt"
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """Build a tokenizer from a config string: "byte", "gpt2", or the path of a saved BPE tokenizer."""
-    if spec == "byte":
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+    """Build a tokenizer from a config string.
+
+    - "byte": `ByteTokenizer`;
+    - "gpt2": GPT-2's BPE from the bundled data/gpt2_bpe/gpt2.tiktoken;
+    - a path to a file saved by `BPETokenizer.save` (JSON, see docs/tokenizer.md);
+    - a path to a `.tiktoken` file (GPT-2 pattern, `<|endoftext|>` after the last rank);
+    - a path to a folder holding vocab.json + merges.txt (GPT-2 / HF layout).
+    """
+    s = os.fspath(spec)
+    if s == "byte":
         return ByteTokenizer()
-    raise ValueError(f"tokenizer.name: unknown tokenizer {spec!r}; expected 'byte', 'gpt2' or a tokenizer file path")
+    if s == "gpt2":
+        return load_gpt2()
+    path = Path(s).expanduser()
+    if path.is_dir():
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return load_vocab_merges(path / "vocab.json", path / "merges.txt", name=path.name)
+        raise ValueError(f"tokenizer.name: folder {s!r} has no vocab.json + merges.txt; {_EXPECTED}")
+    if path.is_file():
+        if path.suffix == ".tiktoken":
+            return load_tiktoken_file(path)
+        return load_bpe_file(path)
+    raise ValueError(f"tokenizer.name: unknown tokenizer {s!r} (not a known name or an existing path); {_EXPECTED}")
