@@ -1,0 +1,191 @@
+"""Distributed state: rank, world size, local rank, device and backend, in one place.
+
+Reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and, when ranks are
+started by `srun` directly, SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the master address from
+SLURM_JOB_NODELIST). With neither, it is one process with no process group, so every module runs in a
+plain test. NCCL on CUDA, gloo on CPU. `runtime(...)` is a context manager that always destroys the process
+group on the way out, whether training finished, raised or was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process sits in the job."""
+
+    rank: int = 0  # global rank
+    local_rank: int = 0  # rank within this node (picks the GPU)
+    world_size: int = 1  # number of processes
+    device: torch.device = torch.device("cpu")  # this rank's device
+    backend: str = ""  # "nccl" | "gloo" | "" (no process group)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told us through the environment (before any process group exists)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str | None
+    master_port: str | None
+    launcher: str  # "torchrun" | "slurm" | "none"
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list, e.g. 'gpu[003-005,9],cpu1' -> 'gpu003' (as `scontrol show hostnames`)."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]  # keeps zero padding, like SLURM
+    return prefix + first
+
+
+def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
+    """torchrun's variables win; SLURM's are used when srun started every rank itself (SLURM_NTASKS > 1)."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                         env.get("MASTER_ADDR"), env.get("MASTER_PORT"), "torchrun")
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+        # A port derived from the job id, so two jobs sharing a node don't collide.
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                         env.get("MASTER_ADDR") or first_host(nodelist), port, "slurm")
+    return LaunchEnv(0, 0, 1, None, None, "none")
+
+
+def world_size_from_env() -> int:
+    """World size the launcher asked for; used to validate the config before any process group exists."""
+    return read_launch_env().world_size
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """auto -> cuda:<local_rank> when CUDA is available, else cpu."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("parallel.device=cuda but CUDA is not available on this machine")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+    return torch.device("cuda", local_rank)
+
+
+def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> Runtime:
+    """Start the process group if the launcher asked for several ranks; otherwise a single process."""
+    env = read_launch_env()
+    dev = pick_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if env.world_size == 1:
+        return Runtime(device=dev)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if env.launcher == "slurm":  # init_method=env:// reads these
+        os.environ.setdefault("MASTER_ADDR", env.master_addr or "localhost")
+        os.environ.setdefault("MASTER_PORT", env.master_port or "29500")
+        os.environ.setdefault("RANK", str(env.rank))
+        os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    kwargs = {"device_id": dev} if backend == "nccl" else {}  # binds NCCL's communicator eagerly to our GPU
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return Runtime(env.rank, env.local_rank, env.world_size, dev, backend)
+
+
+def shutdown() -> None:
+    """Destroy the process group if one exists (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def runtime(device: str = "auto", backend: str = "auto") -> Iterator[Runtime]:
+    """`with runtime() as rt:` — the process group is destroyed on every exit path."""
+    rt = init_runtime(device, backend)
+    try:
+        yield rt
+    finally:
+        shutdown()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed (logs from torchrun workers are otherwise held back)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def warn0(msg: str) -> None:
+    if is_main():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op in a single process); returns t."""
+    if get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a small picklable object from `src` to every rank (only our own objects: paths, steps)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device) with one value."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Per-rank seed for dropout and sampling: distinct across ranks, a pure function of (seed, rank)."""
+    return seed + 1_000_003 * rank

@@ -1,0 +1,1 @@
+"""The trainer core shared by every stage: optimizer, schedules, the train step, logging."""
