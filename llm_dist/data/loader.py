@@ -1,0 +1,299 @@
+"""Distributed, resumable loader over prepared token shards.
+
+Samples. A split's shards are one token stream of N tokens. Sample k is the window
+tokens[k*T : k*T + T + 1] (T = seq_len): inputs x = its first T tokens, targets y = its last T. Windows
+start at non-overlapping offsets and may cross shard boundaries; there are n = (N - 1) // T of them.
+
+Order. Training consumes an endless stream of *global positions* p = 0, 1, 2, ...; position p is epoch
+e = p // n, slot i = p % n, and sample perm_e[i] with perm_e = PCG64([seed, e]).permutation(n) (or just i
+when not shuffling). Nothing else enters the order, so it is the same for every world size and
+micro-batch size, and epochs roll over mid-batch without a seam.
+
+Batches. Each optimizer step consumes `global_batch` consecutive positions. Rank r of W takes the
+contiguous slice [r*B/W, (r+1)*B/W) of them, cut into micro-batches of `micro_batch` sequences, and reads
+only those windows from disk. Concatenating every rank's slices in rank order gives the W=1 batch.
+
+Resume. `state_dict()` is the global position only (epoch, slot), identical on every rank, so a loader
+with any world size / micro-batch / global batch continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from llm_dist.data.index import DataIndexError, data_fingerprint, read_index
+
+Batch = list[tuple[torch.Tensor, torch.Tensor]]
+STATE_VERSION = 1
+
+
+class TokenStream:
+    """A split's shards seen as one 1-D token array; shards are memory-mapped lazily, never read whole."""
+
+    def __init__(self, data_dir: str | os.PathLike, index: dict[str, Any], split: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.dtype = np.dtype(index["dtype"])
+        shards = index["splits"][split]["shards"]
+        self.files = [self.data_dir / s["file"] for s in shards]
+        self.counts = [int(s["tokens"]) for s in shards]
+        # bounds[j] = first global token of shard j; bounds[-1] = total tokens.
+        self.bounds = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)]).astype(np.int64)
+        self._bounds = self.bounds.tolist()  # Python ints: cheaper than numpy scalars in the per-row loop
+        self._maps: list[np.ndarray | None] = [None] * len(self.files)
+
+    def __len__(self) -> int:
+        return self._bounds[-1]
+
+    def _shard(self, j: int) -> np.ndarray:
+        m = self._maps[j]
+        if m is None:
+            # A plain ndarray view of the memmap: slicing np.memmap objects costs several µs per call
+            # (subclass bookkeeping); the view still pages data in from the mapping on demand.
+            m = np.memmap(self.files[j], dtype=self.dtype, mode="r", shape=(self.counts[j],)).view(np.ndarray)
+            self._maps[j] = m
+        return m
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] as an array (a view when it lies inside one shard)."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"window [{start}, {start + length}) outside the stream of {len(self)} tokens")
+        j = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        return self._window(start, length, j)
+
+    def _window(self, start: int, length: int, j: int) -> np.ndarray:
+        off = start - self._bounds[j]
+        if off + length <= self.counts[j]:
+            return self._shard(j)[off : off + length]
+        # Crosses one or more shard boundaries (shards may even be shorter than a window).
+        parts, need = [], length
+        while need > 0:
+            piece = self._shard(j)[off : off + need]
+            parts.append(piece)
+            need -= piece.size
+            j, off = j + 1, 0
+        return np.concatenate(parts)
+
+    def read_xy(self, starts: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """For each i: x[i] = tokens[s_i : s_i+T], y[i] = tokens[s_i+1 : s_i+T+1]; x, y are [len(starts), T]."""
+        T = x.shape[1]
+        shard_of = (np.searchsorted(self.bounds, starts, side="right") - 1).tolist()
+        for i, (s, j) in enumerate(zip(starts.tolist(), shard_of)):
+            w = self._window(s, T + 1, j)  # [T+1] storage dtype
+            x[i] = w[:-1]  # the assignment widens uint16/uint32 -> int64 in the same pass as the copy
+            y[i] = w[1:]
+
+
+class ShardedLoader:
+    """This rank's share of each global batch over one split of a prepared directory (see module doc).
+
+    next_batch() -> [(x, y), ...]: global_batch // (world_size * micro_batch) micro-batches, each x, y int64
+    [micro_batch, seq_len] on `device` (pinned host memory + non_blocking copies when it is CUDA).
+    `shuffle=None` means: shuffle the train split, keep every other split in order.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        seq_len: int,
+        global_batch: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, v in (("seq_len", seq_len), ("micro_batch", micro_batch), ("world_size", world_size)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds PCG64), got {seed}")
+        self.data_dir = Path(data_dir)
+        self.index = read_index(self.data_dir)
+        if split not in self.index["splits"]:
+            have = ", ".join(self.index["splits"]) or "none"
+            raise DataIndexError(f"{self.data_dir}: split {split!r} not present (splits: {have})")
+        self.split = split
+        self.seq_len = int(seq_len)
+        self.micro_batch = int(micro_batch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
+        self.device = torch.device(device)
+        self.stream = TokenStream(self.data_dir, self.index, split)
+        self.n_tokens = len(self.stream)
+        self.n_samples = (self.n_tokens - 1) // self.seq_len
+        if self.n_samples < 1:
+            raise ValueError(
+                f"{self.data_dir}: split {split!r} has {self.n_tokens} tokens, fewer than seq_len + 1 = "
+                f"{self.seq_len + 1}: lower seq_len or prepare more data"
+            )
+        self.data_fingerprint = data_fingerprint(self.index, split)
+        self._consumed = 0  # global positions consumed since epoch 0, slot 0
+        self._perms: dict[int, np.ndarray] = {}
+        self.set_global_batch(global_batch)
+
+    # -- configuration ----------------------------------------------------------------------------------
+
+    def set_global_batch(self, global_batch: int) -> None:
+        """Change sequences per optimizer step (batch-size ramps); the position, in samples, is unchanged."""
+        unit = self.world_size * self.micro_batch
+        if global_batch < 1 or global_batch % unit:
+            raise ValueError(
+                f"global_batch {global_batch} must be a positive multiple of world_size * micro_batch = "
+                f"{self.world_size} * {self.micro_batch} = {unit}"
+            )
+        self.global_batch = int(global_batch)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Input tokens per optimizer step over all ranks (global_batch * seq_len)."""
+        return self.global_batch * self.seq_len
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per rank per step: the length of `next_batch()`'s list."""
+        return self.global_batch // (self.world_size * self.micro_batch)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.index["eot_id"])
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The index's tokenizer record: name, fingerprint, spec, definition."""
+        return self.index["tokenizer"]
+
+    @property
+    def epoch(self) -> int:
+        return self._consumed // self.n_samples
+
+    @property
+    def samples_consumed(self) -> int:
+        """Global positions consumed since the start of epoch 0 (all ranks together)."""
+        return self._consumed
+
+    # -- order --------------------------------------------------------------------------------------------
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        p = self._perms.get(epoch)
+        if p is None:
+            p = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.n_samples)
+            # A batch spans at most two epochs when global_batch <= n_samples; keep just the newest few.
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = p
+        return p
+
+    def sample_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Global positions -> sample ids: the sample-order rule (a function of seed, epoch, position only)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        slots = positions % self.n_samples
+        if not self.shuffle:
+            return slots
+        epochs = positions // self.n_samples
+        out = np.empty_like(slots)
+        for e in np.unique(epochs).tolist():
+            m = epochs == e
+            out[m] = self._perm(e)[slots[m]]
+        return out
+
+    # -- batches ------------------------------------------------------------------------------------------
+
+    def _load(self, sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        n, T = len(sample_ids), self.seq_len
+        pin = self.device.type == "cuda"
+        # Fresh buffers per micro-batch: a pinned buffer must not be refilled while its async copy runs,
+        # and torch's caching host allocator makes re-allocation cheap.
+        x = torch.empty((n, T), dtype=torch.int64, pin_memory=pin)
+        y = torch.empty((n, T), dtype=torch.int64, pin_memory=pin)
+        self.stream.read_xy(sample_ids * T, x.numpy(), y.numpy())
+        if self.device.type != "cpu":
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+        return x, y
+
+    def _rank_batch(self, first_global: int, sample_ids_of) -> Batch:
+        per_rank = self.global_batch // self.world_size
+        start = first_global + self.rank * per_rank
+        ids = sample_ids_of(np.arange(start, start + per_rank, dtype=np.int64))  # [B/W]
+        return [self._load(ids[m : m + self.micro_batch]) for m in range(0, per_rank, self.micro_batch)]
+
+    def next_batch(self) -> Batch:
+        """This rank's micro-batches of the next global step; advances the global position by global_batch."""
+        batch = self._rank_batch(self._consumed, self.sample_ids)
+        self._consumed += self.global_batch
+        return batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+    def eval_batches(self, num_batches: int | None = None) -> Iterator[Batch]:
+        """Fixed evaluation batches: from sample 0, in order, ignoring shuffle and the training position.
+
+        Yields min(num_batches, n_samples // global_batch) steps (None: all of them), each split across
+        ranks exactly like `next_batch`, so the union over ranks is the same for every world size.
+        """
+        available = self.n_samples // self.global_batch
+        if available == 0:
+            raise ValueError(
+                f"split {self.split!r} has {self.n_samples} samples of seq_len {self.seq_len}, fewer than one "
+                f"global batch of {self.global_batch}: lower the eval batch size or seq_len"
+            )
+        n = available if num_batches is None else min(int(num_batches), available)
+        sequential = lambda pos: pos  # noqa: E731 - eval reads samples 0, 1, 2, ... in order
+        for b in range(n):
+            yield self._rank_batch(b * self.global_batch, sequential)
+
+    # -- resume -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global position plus what it is relative to; identical on every rank."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "seq_len": self.seq_len,
+            "n_samples": self.n_samples,
+            "data_fingerprint": self.data_fingerprint,
+            "epoch": self._consumed // self.n_samples,
+            "index": self._consumed % self.n_samples,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any], strict: bool = True) -> None:
+        """Continue from a saved position; any world size, micro-batch and global batch may differ.
+
+        With `strict`, refuses a state whose seed, shuffle, seq_len, split or data differ from this loader's,
+        since the saved position would then point into a different sample order.
+        """
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')!r}, expected {STATE_VERSION}")
+        if strict:
+            mine = self.state_dict()
+            bad = [f"{k} {sd.get(k)!r} != {mine[k]!r}"
+                   for k in ("split", "seed", "shuffle", "seq_len", "n_samples", "data_fingerprint") if sd.get(k) != mine[k]]
+            if bad:
+                raise ValueError("loader state does not match this loader: " + "; ".join(bad))
+        epoch, slot = int(sd["epoch"]), int(sd["index"])
+        if epoch < 0 or not 0 <= slot < self.n_samples:
+            raise ValueError(f"loader state position epoch={epoch} index={slot} out of range (n_samples={self.n_samples})")
+        self._consumed = epoch * self.n_samples + slot
+
+    def __repr__(self) -> str:
+        return (f"ShardedLoader({str(self.data_dir)!r}, split={self.split!r}, seq_len={self.seq_len}, "
+                f"global_batch={self.global_batch}, micro_batch={self.micro_batch}, rank={self.rank}/"
+                f"{self.world_size}, samples={self.n_samples}, shuffle={self.shuffle}, epoch={self.epoch})")

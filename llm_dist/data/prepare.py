@@ -1,0 +1,387 @@
+"""Data preparation: text/JSONL inputs -> tokenized train/val shards + index (see docs/data.md).
+
+    index = ensure_prepared("data/prepared/shakespeare_byte", "data/tinyshakespeare/input.txt", "byte", 0.1)
+
+Split rule
+- exactly one plain-text input file: split by characters like nanoGPT: the first
+  int(n_chars * (1 - val_fraction)) characters are train, the rest val; each part is one document.
+- anything else (JSONL, several files): split by document. A document goes to val iff
+  blake2b-64(utf8(text)) / 2**64 < val_fraction. The rule depends on the text alone, so it does not
+  change with file order, num_proc or sharding, and exact duplicates always land in the same split.
+
+Every document's tokens are followed by `eot_id`; empty documents are skipped. Documents keep input
+order (files in the order given, globs sorted, JSONL in line order) within each split.
+
+Re-running is idempotent: if `out_dir` holds a complete index built from the same tokenizer fingerprint,
+the same files (path, size, mtime) and the same settings, nothing is done. A mismatch raises unless
+`overwrite=True`. A directory without an index (an interrupted run) is cleaned and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from llm_dist.data.index import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    DataIndexError,
+    ShardWriter,
+    clean_prepared_dir,
+    dtype_for_vocab,
+    read_index,
+    write_index,
+)
+from llm_dist.data.sources import (
+    DataPrepError,
+    SourceFile,
+    iter_jsonl_texts,
+    read_text_chunks,
+    read_text_file,
+    resolve_sources,
+    split_at_safe_boundary,
+)
+from llm_dist.tokenizer import Tokenizer, load_tokenizer
+
+SPLITS = ("train", "val")
+DEFAULT_SHARD_TOKENS = 100_000_000
+Log = Callable[[str], None]
+
+
+def val_by_hash(text: str, val_fraction: float) -> bool:
+    """The document split rule: True if this document belongs to the val split."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < val_fraction
+
+
+def char_split_point(n_chars: int, val_fraction: float) -> int:
+    """Number of leading characters that go to train in the single-text-file rule (nanoGPT's int(n*0.9))."""
+    return int(n_chars * (1.0 - val_fraction))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization workers. A work item is (split, texts, ends): `ends[i]` says whether texts[i] finishes a
+# document (and so gets an EOT after it); a long single-file document arrives as several pieces.
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(tok: Tokenizer | str) -> None:
+    global _WORKER_TOK
+    _WORKER_TOK = load_tokenizer(tok) if isinstance(tok, str) else tok
+
+
+def _encode_item(item: tuple[str, list[str], list[bool]], dtype: np.dtype, vocab_size: int
+                 ) -> tuple[str, np.ndarray, int, int]:
+    split, texts, ends = item
+    tok = _WORKER_TOK
+    assert tok is not None, "worker tokenizer not initialised"
+    eot = tok.eot_id
+    flat: list[int] = []
+    for ids, end in zip(tok.encode_batch(texts), ends):
+        flat.extend(ids)
+        if end:
+            flat.append(eot)
+    arr = np.array(flat, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise DataPrepError(f"tokenizer {tok.name!r} produced id {int(arr.max())} outside its vocab of {vocab_size}")
+    return split, arr.astype(dtype), sum(ends), sum(len(t) for t in texts)
+
+
+class _Encoder:
+    """Ordered, bounded-memory fan-out of work items to `num_proc` processes (inline when num_proc <= 1).
+
+    Pool.imap would drain the whole input into its task queue; keeping at most 2*num_proc items in flight
+    bounds memory for inputs of any size, and popping results in submission order keeps documents in order.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, spec: str | None, num_proc: int, dtype: np.dtype) -> None:
+        self.args = (dtype, tokenizer.vocab_size)
+        self.pool = None
+        self.pending: deque = deque()
+        if num_proc <= 1:
+            _init_worker(tokenizer)
+            return
+        if "fork" in mp.get_all_start_methods():
+            # Forked workers inherit the tokenizer object: nothing is pickled, nothing is re-loaded.
+            ctx, init_arg = mp.get_context("fork"), tokenizer
+        else:
+            ctx, init_arg = mp.get_context("spawn"), (spec if spec is not None else tokenizer)
+        self.pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(init_arg,))
+        self.max_pending = 2 * num_proc
+
+    def submit(self, item: tuple[str, list[str], list[bool]]) -> Iterator[tuple[str, np.ndarray, int, int]]:
+        if self.pool is None:
+            yield _encode_item(item, *self.args)
+            return
+        self.pending.append(self.pool.apply_async(_encode_item, (item, *self.args)))
+        while len(self.pending) > self.max_pending:
+            yield self.pending.popleft().get()
+
+    def drain(self) -> Iterator[tuple[str, np.ndarray, int, int]]:
+        while self.pending:
+            yield self.pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+class _Progress:
+    """Prints "docs, tokens, tokens/s" at most every `interval` seconds, and once at the end."""
+
+    def __init__(self, log: Log | None, interval: float) -> None:
+        self.log, self.interval = log, interval
+        self.t0 = self.last = time.perf_counter()
+        self.docs = {s: 0 for s in SPLITS}
+        self.tokens = {s: 0 for s in SPLITS}
+        self.chars = 0
+
+    def add(self, split: str, tokens: int, docs: int, chars: int) -> None:
+        self.tokens[split] += tokens
+        self.docs[split] += docs
+        self.chars += chars
+        now = time.perf_counter()
+        if self.log is not None and now - self.last >= self.interval:
+            self.last = now
+            self.log(self.line("progress"))
+
+    def line(self, what: str) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        tok = sum(self.tokens.values())
+        return (f"prepare_data {what}: {sum(self.docs.values()):,} docs, {tok:,} tokens "
+                f"(train {self.tokens['train']:,} / val {self.tokens['val']:,}), {self.chars:,} chars, "
+                f"{tok / dt / 1e6:.2f}M tokens/s, {dt:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Work-item producers: both yield (split, text, ends_document) pieces in output order.
+
+def _single_file_pieces(src: SourceFile, val_fraction: float, chunk_chars: int
+                        ) -> tuple[Iterator[tuple[str, str, bool]], dict[str, Any]]:
+    # Pass 1 counts characters, so the split point is known before streaming pass 2 (no whole-file copy).
+    n_chars = sum(len(p) for p in read_text_chunks(src.url, 1 << 22))
+    if n_chars == 0:
+        raise DataPrepError(f"{src.url}: empty input (0 characters)")
+    n_train = char_split_point(n_chars, val_fraction)
+    rule = {"kind": "chars", "val_fraction": val_fraction, "chars": n_chars,
+            "train_chars": n_train, "val_chars": n_chars - n_train}
+
+    def pieces() -> Iterator[tuple[str, str, bool]]:
+        pos = 0
+        carry = {"train": "", "val": ""}
+        for raw in read_text_chunks(src.url, chunk_chars):
+            cut = min(max(n_train - pos, 0), len(raw))
+            pos += len(raw)
+            for split, part in (("train", raw[:cut]), ("val", raw[cut:])):
+                if not part:
+                    continue
+                buf = carry[split] + part
+                i = split_at_safe_boundary(buf)
+                if i > 0:
+                    yield split, buf[:i], False
+                    buf = buf[i:]
+                carry[split] = buf
+        for split in SPLITS:  # the remainder of each split closes its (single) document
+            if carry[split]:
+                yield split, carry[split], True
+
+    return pieces(), rule
+
+
+def _document_pieces(sources: list[SourceFile], val_fraction: float, text_field: str
+                     ) -> tuple[Iterator[tuple[str, str, bool]], dict[str, Any]]:
+    rule = {"kind": "documents", "val_fraction": val_fraction,
+            "rule": "val iff blake2b(utf8(text), digest_size=8) as big-endian int / 2**64 < val_fraction"}
+
+    def pieces() -> Iterator[tuple[str, str, bool]]:
+        for src in sources:
+            texts = iter_jsonl_texts(src.url, text_field) if src.kind == "jsonl" else iter([read_text_file(src.url)])
+            for text in texts:
+                if text:
+                    yield ("val" if val_by_hash(text, val_fraction) else "train"), text, True
+
+    return pieces(), rule
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _recipe(sources: list[SourceFile], tokenizer: Tokenizer, val_fraction: float, text_field: str) -> dict:
+    """What the prepared data is a function of; equal recipes mean "already prepared"."""
+    recipe = {
+        "sources": [s.to_json() for s in sources],
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "val_fraction": float(val_fraction),
+        "text_field": text_field if any(s.kind == "jsonl" for s in sources) else None,
+    }
+    return json.loads(json.dumps(recipe))  # normalise (tuples -> lists, floats) to compare with loaded JSON
+
+
+def _recipe_diff(old: dict, new: dict) -> str:
+    diffs = []
+    if old.get("tokenizer_fingerprint") != new["tokenizer_fingerprint"]:
+        diffs.append(f"tokenizer fingerprint {old.get('tokenizer_fingerprint')} -> {new['tokenizer_fingerprint']}")
+    for key in ("val_fraction", "text_field"):
+        if old.get(key) != new[key]:
+            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    old_src = {s["url"]: s for s in old.get("sources", [])}
+    new_src = {s["url"]: s for s in new["sources"]}
+    if list(old_src) != list(new_src):
+        diffs.append(f"input files {sorted(old_src)[:3]}... -> {sorted(new_src)[:3]}...")
+    else:
+        for url, s in new_src.items():
+            if old_src[url] != s:
+                diffs.append(f"{url} changed (size {old_src[url].get('size')} -> {s['size']}, "
+                             f"mtime {old_src[url].get('mtime')} -> {s['mtime']})")
+                break
+    return "; ".join(diffs) or "index recipe differs"
+
+
+def prepare_dataset(
+    out_dir: str | os.PathLike,
+    sources: str | Sequence[str],
+    tokenizer: Tokenizer | str,
+    val_fraction: float = 0.1,
+    *,
+    text_field: str = "text",
+    input_format: str = "auto",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    num_proc: int = 1,
+    overwrite: bool = False,
+    log: Log | None = print,
+    progress_interval: float = 5.0,
+    chunk_chars: int = 1 << 20,
+) -> dict[str, Any]:
+    """Tokenize `sources` into shards under `out_dir` and return the index (a no-op if already prepared).
+
+    sources: paths, globs or fsspec URLs of text / JSONL files. tokenizer: a Tokenizer or a
+    `load_tokenizer` spec ("byte", "gpt2", a tokenizer file path). Raises DataPrepError on bad input and
+    when `out_dir` holds data prepared from something else (unless `overwrite`).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataPrepError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0:
+        raise DataPrepError(f"shard_tokens must be positive, got {shard_tokens}")
+    spec = tokenizer if isinstance(tokenizer, str) else None
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    out_dir = Path(out_dir)
+    srcs = resolve_sources(sources, input_format)
+    recipe = _recipe(srcs, tok, val_fraction, text_field)
+
+    if (out_dir / INDEX_NAME).exists():
+        try:
+            existing = read_index(out_dir)
+        except DataIndexError as e:
+            existing = None
+            if log:
+                log(f"prepare_data: rebuilding {out_dir}: {e}")
+        if existing is not None:
+            if existing.get("recipe") == recipe:
+                if log:
+                    log(f"prepare_data: {out_dir} already prepared ({existing['total_tokens']:,} tokens); nothing to do")
+                return existing
+            if not overwrite:
+                raise DataPrepError(
+                    f"{out_dir} holds data prepared from different inputs ({_recipe_diff(existing.get('recipe', {}), recipe)}); "
+                    f"pass overwrite=True (--overwrite) to rebuild it, or choose another output directory"
+                )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    removed = clean_prepared_dir(out_dir)  # index first, then stale shards/temps of an earlier run
+    if removed and log:
+        log(f"prepare_data: removed {len(removed)} files of an earlier or unfinished preparation in {out_dir}")
+
+    single_text = len(srcs) == 1 and srcs[0].kind == "text"
+    if single_text:
+        pieces, rule = _single_file_pieces(srcs[0], val_fraction, chunk_chars)
+    else:
+        pieces, rule = _document_pieces(srcs, val_fraction, text_field)
+
+    dtype = dtype_for_vocab(tok.vocab_size)
+    splits = SPLITS if val_fraction > 0 else ("train",)
+    writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in splits}
+    progress = _Progress(log, progress_interval)
+    encoder = _Encoder(tok, spec, num_proc, dtype)
+    # Batch pieces per split into ~chunk_chars work items; a split's items reach its writer in order.
+    batch: dict[str, tuple[list[str], list[bool]]] = {s: ([], []) for s in SPLITS}
+    batch_chars = {s: 0 for s in SPLITS}
+
+    def consume(results: Iterator[tuple[str, np.ndarray, int, int]]) -> None:
+        for split, arr, docs, chars in results:
+            writers[split].write(arr)
+            progress.add(split, int(arr.size), docs, chars)
+
+    try:
+        for split, text, end in pieces:
+            texts, ends = batch[split]
+            texts.append(text)
+            ends.append(end)
+            batch_chars[split] += len(text)
+            if batch_chars[split] >= chunk_chars:
+                consume(encoder.submit((split, texts, ends)))
+                batch[split], batch_chars[split] = ([], []), 0
+        for split in SPLITS:
+            if batch[split][0]:
+                consume(encoder.submit((split, *batch[split])))
+        consume(encoder.drain())
+        shard_lists = {s: w.close() for s, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        encoder.close()
+
+    if progress.tokens["train"] == 0:
+        names = ", ".join(s.url for s in srcs[:3]) + (" ..." if len(srcs) > 3 else "")
+        raise DataPrepError(f"empty input: no text (or no train documents) in {names}")
+    if log and val_fraction > 0 and progress.tokens["val"] == 0:
+        log(f"prepare_data: warning: val split is empty ({progress.docs['train']} documents, all hashed to train)")
+
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "eot_after_each_document": True,
+        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "spec": spec,
+                      "definition": tok.definition()},
+        "split_rule": rule,
+        "shard_tokens": shard_tokens,
+        "splits": {s: {"tokens": writers[s].total_tokens, "documents": progress.docs[s], "shards": shard_lists[s]}
+                   for s in splits},
+        "total_tokens": sum(w.total_tokens for w in writers.values()),
+        "recipe": recipe,
+        "created_unix": time.time(),
+    }
+    write_index(out_dir, index)  # last: only now does the directory count as prepared
+    if log:
+        log(progress.line("done"))
+    return index
+
+
+def ensure_prepared(
+    out_dir: str | os.PathLike,
+    sources: str | Sequence[str],
+    tokenizer: Tokenizer | str,
+    val_fraction: float = 0.1,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Make sure `out_dir` holds `sources` prepared with `tokenizer`; return its index.
+
+    The trainer's start-up hook: call it on rank 0 only, then barrier, then build loaders on every rank.
+    Cheap when the data is already there (stats the inputs and reads the index). Keyword arguments are
+    those of `prepare_dataset` (shard_tokens, num_proc, text_field, overwrite, log, ...).
+    """
+    return prepare_dataset(out_dir, sources, tokenizer, val_fraction, **kwargs)

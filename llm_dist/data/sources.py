@@ -1,0 +1,153 @@
+"""Input side of data preparation: resolve paths/globs/URLs with fsspec and stream documents out of them.
+
+Two kinds of input file:
+- text  (anything not named *.jsonl / *.ndjson): one file is one document.
+- jsonl (*.jsonl, *.ndjson, optionally compressed e.g. *.jsonl.gz): one line is one document, its text
+  under `text_field`. Blank lines are skipped; every other line must be a JSON object with a string there.
+
+Everything is opened through `fsspec.open` (compression inferred from the extension), so local paths,
+`file://`, `s3://`, `gs://`, `https://` ... all work wherever the matching fsspec backend is installed.
+Bad input raises `DataPrepError` with one line naming the file, line and key at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.utils import infer_compression
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class DataPrepError(ValueError):
+    """Bad input for data preparation; the message is a single line naming the file/line/key at fault."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One resolved input file. `size`/`mtime` identify its version so a re-run can tell "same input"."""
+
+    url: str  # plain absolute path for local files, protocol-qualified URL otherwise
+    kind: str  # "text" or "jsonl"
+    size: int | None
+    mtime: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _has_magic(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _kind_of(url: str, input_format: str) -> str:
+    if input_format in ("text", "jsonl"):
+        return input_format
+    name = url.lower()
+    comp = infer_compression(name)
+    if comp is not None:  # strip ".gz" etc. so "x.jsonl.gz" is jsonl
+        name = name.rsplit(".", 1)[0]
+    return "jsonl" if name.endswith(_JSONL_SUFFIXES) else "text"
+
+
+def _mtime(info: dict) -> str | None:
+    # Backends disagree on the key; any stable string that changes when the file changes will do.
+    for key in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
+
+
+def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") -> list[SourceFile]:
+    """Expand globs (sorted, so the order is reproducible) and stat every file; errors name the culprit."""
+    if input_format not in ("auto", "text", "jsonl"):
+        raise DataPrepError(f"input format must be 'auto', 'text' or 'jsonl', got {input_format!r}")
+    specs = [sources] if isinstance(sources, str) else list(sources)
+    if not specs:
+        raise DataPrepError("no inputs given")
+    out: list[SourceFile] = []
+    for spec in specs:
+        spec = str(spec)
+        fs, path = url_to_fs(spec)
+        if _has_magic(path):
+            paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+            if not paths:
+                raise DataPrepError(f"{spec}: no input files match this glob")
+        else:
+            if not fs.exists(path):
+                raise DataPrepError(f"{spec}: input file not found")
+            if fs.isdir(path):
+                raise DataPrepError(f"{spec}: is a directory; pass a glob such as '{spec.rstrip('/')}/*.txt'")
+            paths = [path]
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        for p in paths:
+            info = fs.info(p)
+            url = p if local else fs.unstrip_protocol(p)
+            out.append(SourceFile(url=url, kind=_kind_of(url, input_format), size=info.get("size"), mtime=_mtime(info)))
+    return out
+
+
+def read_text_chunks(url: str, chunk_chars: int) -> Iterator[str]:
+    """Stream a UTF-8 text file in pieces of `chunk_chars` characters, newlines kept byte-exact."""
+    try:
+        # newline="" keeps "\r\n" as is: the prepared tokens encode exactly the file's text.
+        with fsspec.open(url, "rt", encoding="utf-8", newline="", compression="infer") as f:
+            while True:
+                piece = f.read(chunk_chars)
+                if not piece:
+                    return
+                yield piece
+    except UnicodeDecodeError as e:
+        raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason} at byte {e.start} of a read block)") from None
+
+
+def read_text_file(url: str) -> str:
+    """The whole file as one string (a document in multi-file mode)."""
+    return "".join(read_text_chunks(url, 1 << 24))
+
+
+def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
+    """Yield `obj[text_field]` for each non-blank line; raise a one-line error for any malformed line."""
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataPrepError(f"{url}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                if text_field not in obj:
+                    keys = ", ".join(sorted(obj)[:8]) or "none"
+                    raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field")
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    raise DataPrepError(
+                        f"{url}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+                    )
+                yield text
+    except UnicodeDecodeError as e:
+        raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason})") from None
+
+
+def split_at_safe_boundary(buf: str) -> int:
+    """Index just after the last newline that is followed by a non-whitespace character, or -1.
+
+    Tokenizing `buf[:i]` and `buf[i:]` separately gives the same ids as tokenizing `buf` whole at such a
+    cut, for byte-level and for GPT-2/cl100k-style BPE: every pre-tokenizer piece that contains a newline
+    consists only of whitespace, so it can never extend over the non-whitespace character after it.
+    """
+    end = len(buf) - 1  # the newline must have a following character we can inspect
+    while True:
+        i = buf.rfind("\n", 0, end)
+        if i < 0:
+            return -1
+        if not buf[i + 1].isspace():
+            return i + 1
+        end = i
