@@ -1,0 +1,205 @@
+"""Building blocks of the transformer that are not attention: norms, the MLP and positional encodings.
+
+Every module here owns an `init_weights(...)` that (re)initialises all of its parameters in place, so
+a model built on the meta device and materialised with `to_empty` can be initialised exactly once.
+Tables that are functions of the config alone (RoPE cos/sin, the sinusoidal position table) are
+non-persistent buffers: they never enter a checkpoint and `init_weights` recomputes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm_dist.config import ModelConfig
+
+# ------------------------------------------------------------------------------------------------ norms
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, no centring, no bias.
+
+    The statistic is computed in float32 even for bf16/fp16 inputs: mean(x^2) over a few thousand
+    channels overflows fp16 and loses most of its mantissa in bf16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # (..., C)
+        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` with optional bias and the same `init_weights()` hook as the other modules."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__(dim, eps=eps, bias=bias)
+
+    def init_weights(self) -> None:
+        self.reset_parameters()  # weight = 1, bias = 0
+
+
+class NoNorm(nn.Identity):
+    """`norm=none`: an identity with the common `init_weights()` hook (nothing to initialise)."""
+
+    def init_weights(self) -> None:
+        pass
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm chosen by `cfg.norm` over the residual width."""
+    if cfg.norm == "layernorm":
+        return LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    if cfg.norm == "none":
+        return NoNorm()
+    raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+# -------------------------------------------------------------------------------------------------- MLP
+
+
+def mlp_hidden_size(cfg: ModelConfig) -> int:
+    """Inner MLP width: `cfg.mlp_hidden` if set, else 4*C (GELU) or 8/3*C rounded up to `mlp_multiple`
+    (SwiGLU; Llama's rule, which keeps its three matrices at about the parameter count of a 4*C GELU MLP)."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "gelu":
+        return 4 * cfg.n_embd
+    hidden = int(8 * cfg.n_embd / 3)
+    return cfg.mlp_multiple * math.ceil(hidden / cfg.mlp_multiple)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network.
+
+    gelu:   down(gelu_tanh(up(x)))          (GPT-2; the tanh approximation matches its checkpoints)
+    swiglu: down(silu(gate(x)) * up(x))     (Shazeer 2020; Llama)
+
+    `down` writes into the residual stream, so it is initialised with the scaled residual std.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = mlp_hidden_size(cfg)
+        self.kind = cfg.mlp
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
+        else:
+            h = F.gelu(self.up(x), approximate="tanh")  # (B, T, hidden)
+        return self.dropout(self.down(h))  # (B, T, C)
+
+    def init_weights(self, std: float, out_std: float, generator: torch.Generator | None = None) -> None:
+        for lin in (self.up, self.gate):
+            if lin is not None:
+                _init_linear(lin, std, generator)
+        _init_linear(self.down, out_std, generator)
+
+
+def _init_linear(lin: nn.Linear, std: float, generator: torch.Generator | None) -> None:
+    """GPT-2 init for one linear layer: weight ~ N(0, std^2), bias = 0."""
+    nn.init.normal_(lin.weight, mean=0.0, std=std, generator=generator)
+    if lin.bias is not None:
+        nn.init.zeros_(lin.bias)
+
+
+# -------------------------------------------------------------------------------- positional encodings
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017) positions, (n_pos, dim) float32:
+    PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim)).
+
+    Computed in float64: p * inv_freq reaches ~block_size radians, where float32 keeps only ~4 digits
+    of the fractional part that sin/cos depend on.
+    """
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]  # (P, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
+    angles = pos * inv_freq  # (P, ceil(dim/2))
+    table = torch.empty(n_pos, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : dim // 2])  # odd dim: the last sin column has no cos partner
+    return table.float()
+
+
+def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (Su et al. 2021) rotation tables, each (n_pos, head_dim/2) float32: cos and sin of p * theta^(-2i/d).
+
+    float64 for the same reason as `sinusoidal_table`: the angle p * inv_freq is large for big p.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq  # (P, D/2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of every head by angle p * inv_freq[i].
+
+    x: (B, H, T, D); cos, sin: (T, D/2). This is the complex product (x[2i] + i x[2i+1]) * e^{i p w_i}
+    of the original RoPE / Llama, written out in reals so it runs in any dtype and compiles cleanly.
+    The rotation is done in float32 so bf16 activations do not lose the (small) position signal.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, H, T, D/2) each
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, H, T, D/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, H, T, D)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the RoPE cos/sin tables for positions 0..block_size-1 as non-persistent float32 buffers."""
+
+    def __init__(self, head_dim: int, block_size: int, theta: float):
+        super().__init__()
+        self.head_dim, self.block_size, self.theta = head_dim, block_size, theta
+        self.register_buffer("cos", torch.empty(block_size, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(block_size, head_dim // 2), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # Computed on the CPU and copied in place: works on meta (a no-op), keeps the buffer objects.
+        cos, sin = rope_tables(self.block_size, self.head_dim, self.theta)
+        with torch.no_grad():
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start .. start+length-1, each (length, D/2)."""
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Fixed sinusoidal position table (block_size, C) as a non-persistent float32 buffer."""
+
+    def __init__(self, dim: int, block_size: int):
+        super().__init__()
+        self.register_buffer("table", torch.empty(block_size, dim), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.table.copy_(sinusoidal_table(*self.table.shape))
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        return self.table[start : start + length]  # (T, C)

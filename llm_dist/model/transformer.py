@@ -1,0 +1,249 @@
+"""The decoder-only transformer: embeddings, a stack of `Block`s, the final norm and the LM head.
+
+    x = tok_emb(idx) [+ pos_emb(positions)]; x = dropout(x)
+    pre-norm  (GPT-2, Llama):    x = x + attn(norm1(x)); x = x + mlp(norm2(x)); ...; x = norm_f(x)
+    post-norm (Vaswani, GPT-1):  x = norm1(x + attn(x)); x = norm2(x + mlp(x)); ...  (no final norm)
+    logits = lm_head(x)                       # (B, T, padded_vocab_size)
+
+Parameter names (state-dict keys, no wrapper prefixes):
+    tok_emb.weight, pos_emb.weight (learned positions only),
+    blocks.{i}.attn_norm.*, blocks.{i}.attn.{wq,wk,wv,wo}.*, blocks.{i}.mlp_norm.*,
+    blocks.{i}.mlp.{up,gate,down}.*, norm_f.*, lm_head.weight (also present when tied).
+
+Built for deferred initialisation: `build_model` constructs on the meta device (no memory), materialises
+with `to_empty` and calls `init_weights()` once, which initialises every parameter, recomputes the
+non-persistent buffers and restores weight tying (`to_empty` unties shared parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from llm_dist.config import ModelConfig
+from llm_dist.model.attention import CausalSelfAttention
+from llm_dist.model.layers import MLP, NoNorm, RotaryEmbedding, SinusoidalEmbedding, make_norm
+
+if TYPE_CHECKING:
+    from llm_dist.model.generate import KVCache
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (GPT-2's 50257 -> 50304 for 64).
+
+    The extra rows of the embedding / columns of the logits are never targets; sampling slices them off.
+    """
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then MLP, each a residual branch with its norm pre or post.
+
+    Kept as a self-contained module so FSDP and activation checkpointing can wrap one per layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.post_norm = cfg.norm_position == "post"
+        self.attn_norm = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C)."""
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, rope, kv_cache))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def init_weights(self, std: float, out_std: float, generator: torch.Generator | None = None) -> None:
+        self.attn_norm.init_weights()
+        self.attn.init_weights(std, out_std, generator)
+        self.mlp_norm.init_weights()
+        self.mlp.init_weights(std, out_std, generator)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model configured by `ModelConfig` (see the module docstring for the layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (> 0); the trainer takes it from the tokenizer")
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.vocab_multiple)
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+
+        self.tok_emb = nn.Embedding(self.padded_vocab_size, cfg.n_embd)
+        self.pos_emb: nn.Module | None = None
+        self.rope: RotaryEmbedding | None = None
+        if cfg.pos_emb == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos_emb == "sinusoidal":
+            self.pos_emb = SinusoidalEmbedding(cfg.n_embd, cfg.block_size)
+        elif cfg.pos_emb == "rope":
+            self.rope = RotaryEmbedding(self.head_dim, cfg.block_size, cfg.rope_theta)
+        elif cfg.pos_emb != "none":
+            raise ValueError(f"unknown pos_emb {cfg.pos_emb!r}")
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm; a final norm belongs to the pre-norm layout only.
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else NoNorm()
+        self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    # ---------------------------------------------------------------------------------- initialisation
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 initialisation of every parameter, plus the non-persistent buffers.
+
+        Weights of linears and embeddings ~ N(0, init_std^2); the two projections that write into the
+        residual stream (attn.wo, mlp.down) ~ N(0, (init_std / sqrt(2 * n_layer))^2) so the residual
+        variance stays O(1) after 2*n_layer additions; biases 0; norm weights 1. Safe to call on the
+        meta device (a no-op) and after `to_empty` (re-ties the LM head to the token embedding).
+        """
+        cfg = self.cfg
+        if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight  # to_empty() gives tied parameters separate storage
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std, generator=generator)
+        if isinstance(self.pos_emb, nn.Embedding):
+            nn.init.normal_(self.pos_emb.weight, mean=0.0, std=std, generator=generator)
+        elif self.pos_emb is not None:
+            self.pos_emb.init_weights()
+        if self.rope is not None:
+            self.rope.init_weights()
+        for block in self.blocks:
+            block.init_weights(std, out_std, generator)
+        self.norm_f.init_weights()
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std, generator=generator)
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, C), after the final norm and before `lm_head`.
+
+        With a KV cache, the tokens sit at positions cache.length .. cache.length+T-1 and their K/V
+        are appended to the cache.
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if isinstance(self.pos_emb, nn.Embedding):
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+        elif self.pos_emb is not None:
+            x = x + self.pos_emb(start, T).to(x.dtype)
+        x = self.emb_dropout(x)
+        rope = self.rope(start, T) if self.rope is not None else None
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.norm_f(x)
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding."""
+        return self.lm_head(self.forward_hidden(idx, kv_cache))
+
+    # --------------------------------------------------------------------------------------- reporting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, shared (tied) tensors counted once.
+
+        non_embedding=True excludes the vocabulary and position tables (token embedding, learned
+        position embedding and an untied LM head), as in Kaplan et al. (2020) scaling laws.
+        Note nanoGPT's "non-embedding" count only drops the position table, so it reads higher.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if isinstance(self.pos_emb, nn.Embedding):
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def matmul_params(self) -> int:
+        """N for the FLOP estimate: every parameter except those only ever *looked up*.
+
+        Excluded: the learned position table and, when untied, the input token-embedding table (its
+        forward is a gather, not a matmul). Included: the LM head (a (C x V) matmul per token), so with
+        tied embeddings the shared matrix counts once. Biases and norm weights are included too; they
+        are O(n_layer * C), well under 0.1% of N for real shapes.
+        """
+        n = self.num_params()
+        if isinstance(self.pos_emb, nn.Embedding):
+            n -= self.pos_emb.weight.numel()
+        if not self.cfg.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward) at sequence length T (default block_size):
+
+            6 * N + 12 * L * H * Q * T        (PaLM, Chowdhery et al. 2022, appendix B)
+
+        N = `matmul_params()`; 6N = 2 FLOPs per multiply-add times (1 forward + 2 backward); the second
+        term is the attention score and value matmuls (QK^T and PV), which have no parameters. L layers,
+        H query heads, Q head dimension. Causal masking is not discounted, matching the paper's MFU.
+        """
+        T = self.cfg.block_size if seq_len is None else seq_len
+        L, H, Q = self.cfg.n_layer, self.cfg.n_head, self.head_dim
+        return 6 * self.matmul_params() + 12 * L * H * Q * T
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str, seed: int | None = None) -> Transformer:
+    """Construct on the meta device, materialise on `device` and initialise once.
+
+    No memory is spent on a throw-away CPU init, and with `seed` the init draws from a private
+    generator (the global RNG is left alone), so every rank that passes the same seed gets bit-identical
+    weights without broadcasting them.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    device = torch.device(device)
+    model.to_empty(device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    model.init_weights(generator=generator)
+    return model
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def model_summary(model: Transformer, seq_len: int | None = None) -> str:
+    """One line for the trainer's start-up print: parameters, non-embedding parameters, FLOPs/token."""
+    cfg = model.cfg
+    T = cfg.block_size if seq_len is None else seq_len
+    return (
+        f"model: {cfg.n_layer} layers, {cfg.n_head} heads ({model.n_kv_head} kv), d={cfg.n_embd}, "
+        f"vocab {model.vocab_size} (padded {model.padded_vocab_size}) | "
+        f"params {_human(model.num_params())} ({model.num_params():,}) | "
+        f"non-embedding {_human(model.num_params(non_embedding=True))} | "
+        f"FLOPs/token {_human(model.flops_per_token(T))} at T={T} (6N + 12LHQT)"
+    )
