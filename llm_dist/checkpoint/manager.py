@@ -5,7 +5,8 @@ Layout of one checkpoint (`<out_dir>/checkpoints/step_00001000/`):
     state.pt          model, optimizer, grad scaler, trainer counters, data-loader position (rank 0 writes)
     rng/rank_<r>.pt   each rank's python/numpy/torch/CUDA RNG state
     config.yaml       the resolved run config
-    tokenizer.json    which tokenizer (name, fingerprint, full definition) the ids belong to
+    tokenizer.json    which tokenizer the ids belong to (config spec, fingerprint, definition)
+    tokenizer.bpe.json  the trained tokenizer itself, when it is not a built-in ("byte", "gpt2")
     meta.json         step, tokens seen, world size, time, list of files
     COMPLETE          written last; a directory without it is never loaded
 
@@ -28,6 +29,9 @@ import torch
 
 from llm_dist import distributed as D
 from llm_dist.checkpoint.rng import get_rng_state
+from llm_dist.tokenizer import Tokenizer, load_tokenizer
+
+BUILTIN_TOKENIZERS = ("byte", "gpt2")
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -108,6 +112,26 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, map_location: str | 
     return {"state": state, "rng": rng, "meta": meta, "path": path}
 
 
+def _save_tokenizer(ckpt: Path, tok: Tokenizer, spec: str) -> None:
+    info = {"spec": spec, "name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
+            "definition": tok.definition()}
+    if spec not in BUILTIN_TOKENIZERS:
+        tok.save(ckpt / "tokenizer.bpe.json")  # the checkpoint must not depend on a file elsewhere
+        info["file"] = "tokenizer.bpe.json"
+    _write_text(ckpt / "tokenizer.json", json.dumps(info, indent=1))
+
+
+def load_checkpoint_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with, checked against its recorded fingerprint."""
+    path = Path(path)
+    info = json.loads((path / "tokenizer.json").read_text())
+    tok = load_tokenizer(path / info["file"] if "file" in info else info["spec"])
+    if tok.fingerprint() != info["fingerprint"]:
+        raise RuntimeError(f"checkpoint {path}: tokenizer {info['spec']!r} now has fingerprint {tok.fingerprint()}, "
+                           f"but the checkpoint was trained with {info['fingerprint']}")
+    return tok
+
+
 def read_config(path: str | os.PathLike) -> str:
     """The resolved config.yaml text stored in a checkpoint."""
     p = Path(path) / "config.yaml"
@@ -126,7 +150,8 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return find_latest(self.dir)
 
-    def save(self, step: int, state: dict, config_yaml: str, tokenizer_info: dict, meta: dict | None = None) -> Path:
+    def save(self, step: int, state: dict, config_yaml: str, tokenizer: Tokenizer, tokenizer_spec: str,
+             meta: dict | None = None) -> Path:
         """Write checkpoint `step` atomically. `state` is rank 0's (model/optimizer/...); RNG is per rank."""
         rank = D.get_rank()
         final = self.dir / step_dir_name(step)
@@ -143,7 +168,7 @@ class CheckpointManager:
             t0 = time.time()
             _save_torch(state, tmp / "state.pt")
             _write_text(tmp / "config.yaml", config_yaml)
-            _write_text(tmp / "tokenizer.json", json.dumps(tokenizer_info, indent=1))
+            _save_tokenizer(tmp, tokenizer, tokenizer_spec)
             info = {"step": step, "world_size": D.get_world_size(), "time": time.time(),
                     "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()), **(meta or {})}
             _write_text(tmp / "meta.json", json.dumps(info, indent=1))

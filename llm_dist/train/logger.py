@@ -21,7 +21,7 @@ def _fmt(key: str, v: Any) -> str:
     if isinstance(v, float):
         if key == "lr":
             return f"{key} {v:.2e}"
-        if math.isfinite(v) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-3)):
+        if math.isfinite(v) and 0 < abs(v) < 1e-3:
             return f"{key} {v:.3e}"
         return f"{key} {v:.4f}" if abs(v) < 100 else f"{key} {v:,.0f}"
     return f"{key} {v}"

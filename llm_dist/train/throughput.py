@@ -38,7 +38,7 @@ def memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Wall time between `tick`s, turned into tokens/s and MFU.
+    """Tokens and wall time accumulated over the steps between two reports -> tokens/s and MFU.
 
     MFU = achieved model FLOP/s / (peak FLOP/s per device * devices), with model FLOPs from the
     6N + 12·L·H·Q·T formula (PaLM, appendix B): recomputation from activation checkpointing does not count.
@@ -47,18 +47,26 @@ class Throughput:
     def __init__(self, flops_per_token: float, peak_flops_per_device: float | None, world_size: int) -> None:
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_per_device * world_size if peak_flops_per_device else None
-        self._t = time.perf_counter()
+        self.resume()
 
-    def tick(self, tokens: int) -> dict[str, float]:
-        """Call once per step after the step's work is done (synchronise CUDA first for honest timings)."""
+    def step(self, tokens: int) -> None:
+        """Count one finished step (its last host sync has happened, so wall time is honest on CUDA)."""
         now = time.perf_counter()
-        dt, self._t = now - self._t, now
-        tps = tokens / max(dt, 1e-9)
-        out = {"step_time": dt, "tok_per_s": tps}
+        self._time += now - self._t
+        self._t = now
+        self._tokens += tokens
+        self._steps += 1
+
+    def report(self) -> dict[str, float]:
+        """Averages since the last report; then starts a new window."""
+        out = {"step_time": self._time / max(self._steps, 1), "tok_per_s": self._tokens / max(self._time, 1e-9)}
         if self.peak:
-            out["mfu"] = tps * self.flops_per_token / self.peak
+            out["mfu"] = out["tok_per_s"] * self.flops_per_token / self.peak
+        self._time, self._tokens, self._steps = 0.0, 0, 0
         return out
 
-    def reset(self) -> None:
-        """Restart the clock (after evaluation or a checkpoint, which are not training time)."""
+    def resume(self) -> None:
+        """Restart the clock without counting the gap (evaluation and checkpoints are not training time)."""
         self._t = time.perf_counter()
+        if not hasattr(self, "_steps"):
+            self._time, self._tokens, self._steps = 0.0, 0, 0

@@ -1,0 +1,84 @@
+"""The training loop around `Trainer.train_step`: logging, evaluation, samples, checkpoints, stopping.
+
+Every stage (pretraining, SFT, reward modelling) runs this same loop with its own data source and hooks.
+Order within a step: train step -> log -> evaluate -> sample -> checkpoint, so a checkpoint at step k
+holds exactly the state after k optimizer steps and a resumed run continues with step k+1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+from llm_dist import distributed as D
+from llm_dist.train.logger import MetricsLogger
+from llm_dist.train.optim import batch_size_at
+from llm_dist.train.throughput import Throughput, memory_gib
+from llm_dist.train.trainer import Batch, Trainer
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a data loader."""
+
+    def next_batch(self) -> Sequence[Batch]: ...
+    def set_global_batch(self, global_batch: int) -> None: ...
+    def state_dict(self) -> dict: ...
+
+
+def _due(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def fit(
+    trainer: Trainer,
+    data: BatchSource,
+    *,
+    logger: MetricsLogger,
+    throughput: Throughput,
+    save_checkpoint: Callable[[], None] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    sample: Callable[[], str] | None = None,
+    seq_len: int = 0,
+    stop_at: int | None = None,
+) -> str:
+    """Train until `train.max_steps` (or `stop_at`, or a signal). Returns "finished" or "stopped".
+
+    `save_checkpoint()` writes a checkpoint of the current state (collective); `evaluate()` returns
+    metrics such as {"val/loss": ...}; `sample()` returns text to print.
+    """
+    cfg = trainer.cfg
+    t, ev = cfg.train, cfg.eval
+    quantum = trainer.rt.world_size * t.micro_batch_size
+    last_saved = trainer.state.step
+    reason = "finished"
+    with trainer.stop:
+        throughput.resume()
+        while trainer.state.step < t.max_steps:
+            if t.batch_ramp_tokens:
+                data.set_global_batch(batch_size_at(trainer.state.tokens_seen, t, seq_len, quantum))
+            metrics = trainer.train_step(data.next_batch())
+            step = trainer.state.step
+            throughput.step(metrics.pop("tokens"))
+            done = step >= t.max_steps
+            stopping = trainer.should_stop() or (stop_at is not None and step >= stop_at)
+            if step == 1 or _due(step, t.log_interval) or done or stopping:
+                logger.log(step, {**metrics, **throughput.report(), "mem_gib": memory_gib(trainer.rt.device)})
+            paused = False
+            if evaluate is not None and (_due(step, ev.interval) or done):
+                logger.log(step, evaluate(), prefix="eval  ")
+                paused = True
+            if sample is not None and (_due(step, ev.sample_interval) or (done and ev.sample_tokens)):
+                text = sample()
+                D.print0(f"---- sample at step {step} ----\n{text}\n-------------------------------")
+                paused = True
+            if save_checkpoint is not None and (_due(step, cfg.checkpoint.interval) or done or stopping):
+                save_checkpoint()
+                last_saved = step
+                paused = True
+            if paused:
+                throughput.resume()
+            if stopping:
+                reason = "stopped"
+                break
+    if save_checkpoint is not None and last_saved != trainer.state.step:
+        save_checkpoint()
+    return reason
