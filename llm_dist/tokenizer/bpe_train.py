@@ -18,9 +18,11 @@ comparing ids, i.e. first by the left token, then the right one. Byte tokens ord
 tokens by age. HF tokenizers uses the same rule over its own ids, which order bytes by their GPT-2 unicode
 stand-ins, so on ties the two can pick different merges; without ties they agree (tests check this).
 
-Duplicate results: two different pairs can spell the same bytes (ab+c and a+bc). The second such merge
-maps to the existing id, like HF tokenizers does, and does not use up a vocabulary slot: a token's rank is
-defined by its bytes (tiktoken-style), so there cannot be two ids for one byte string.
+Duplicate results: could two different pairs spell the same bytes (ab+c and a+bc)? With left-to-right
+merging it does not seem to happen (GPT-2's 50,000 merges made 50,000 distinct tokens, and thousands of
+random tie-heavy corpora in our tests never produced one), but tiktoken-style ranks require one id per
+byte string, so should it happen the merge maps to the existing id, as HF tokenizers does, instead of
+creating a second token with the same bytes.
 """
 
 from __future__ import annotations
