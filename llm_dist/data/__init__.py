@@ -16,8 +16,10 @@ from llm_dist.data.index import (
     DataIndexError,
     ShardWriter,
     dtype_for_vocab,
+    make_index,
     read_index,
     write_index,
+    write_token_dataset,
 )
 from llm_dist.data.loader import ShardedLoader, TokenStream
 from llm_dist.data.prepare import (
@@ -40,9 +42,11 @@ __all__ = [
     "char_split_point",
     "dtype_for_vocab",
     "ensure_prepared",
+    "make_index",
     "prepare_dataset",
     "read_index",
     "resolve_sources",
     "val_by_hash",
     "write_index",
+    "write_token_dataset",
 ]

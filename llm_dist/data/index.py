@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -146,6 +147,66 @@ class ShardWriter:
         os.replace(self._tmp_path, self.out_dir / name)
         self.shards.append({"file": name, "tokens": self._in_shard})
         self._in_shard = 0
+
+
+def make_index(
+    dtype: np.dtype | type,
+    vocab_size: int,
+    eot_id: int,
+    tokenizer: dict[str, Any],
+    shard_tokens: int,
+    splits: dict[str, dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Assemble an index dict. `splits` maps split -> {"shards": [...], "tokens": n, ...}; `extra` is merged in."""
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": int(vocab_size),
+        "eot_id": int(eot_id),
+        "eot_after_each_document": True,
+        "tokenizer": tokenizer,
+        "shard_tokens": int(shard_tokens),
+        "splits": splits,
+        "total_tokens": int(sum(s["tokens"] for s in splits.values())),
+        "created_unix": time.time(),
+    }
+    index.update(extra)
+    return index
+
+
+def write_token_dataset(
+    out_dir: str | os.PathLike,
+    splits: dict[str, Iterable[np.ndarray]],
+    vocab_size: int,
+    eot_id: int,
+    shard_tokens: int,
+    tokenizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write already-tokenized streams (split -> iterable of 1-D id arrays) as a prepared dataset.
+
+    For synthetic data (benchmarks, tests) and for callers with their own tokenization; `prepare_dataset`
+    is the text front end. Same crash-safety: shards renamed when complete, index written last.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_prepared_dir(out_dir)
+    dtype = dtype_for_vocab(vocab_size)
+    entries: dict[str, dict[str, Any]] = {}
+    for split, arrays in splits.items():
+        w = ShardWriter(out_dir, split, dtype, shard_tokens)
+        try:
+            for arr in arrays:
+                w.write(arr)
+            entries[split] = {"shards": w.close(), "tokens": w.total_tokens}
+        except BaseException:
+            w.abort()
+            raise
+    tok = tokenizer or {"name": "synthetic", "fingerprint": None, "spec": None, "definition": None}
+    index = make_index(dtype, vocab_size, eot_id, tok, shard_tokens, entries)
+    write_index(out_dir, index)
+    return index
 
 
 def write_index(out_dir: str | os.PathLike, index: dict[str, Any]) -> Path:

@@ -242,21 +242,17 @@ class ShardedLoader:
             yield self.next_batch()
 
     def eval_batches(self, num_batches: int | None = None) -> Iterator[Batch]:
-        """Fixed evaluation batches: from sample 0, in order, ignoring shuffle and the training position.
+        """Fixed evaluation batches: samples 0, 1, 2, ... in order, ignoring shuffle and the training position.
 
-        Yields min(num_batches, n_samples // global_batch) steps (None: all of them), each split across
-        ranks exactly like `next_batch`, so the union over ranks is the same for every world size.
+        Yields min(num_batches, ceil(n_samples / global_batch)) steps (None: that one full pass), each
+        split across ranks exactly like `next_batch`, so the union over ranks is the same for every world
+        size. A last partial pass wraps around to sample 0 so that every step keeps its full shape.
         """
-        available = self.n_samples // self.global_batch
-        if available == 0:
-            raise ValueError(
-                f"split {self.split!r} has {self.n_samples} samples of seq_len {self.seq_len}, fewer than one "
-                f"global batch of {self.global_batch}: lower the eval batch size or seq_len"
-            )
+        available = -(-self.n_samples // self.global_batch)
         n = available if num_batches is None else min(int(num_batches), available)
-        sequential = lambda pos: pos  # noqa: E731 - eval reads samples 0, 1, 2, ... in order
+        in_order = lambda pos: pos % self.n_samples  # noqa: E731
         for b in range(n):
-            yield self._rank_batch(b * self.global_batch, sequential)
+            yield self._rank_batch(b * self.global_batch, in_order)
 
     # -- resume -------------------------------------------------------------------------------------------
 

@@ -31,13 +31,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from llm_dist.data.index import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     INDEX_NAME,
     DataIndexError,
     ShardWriter,
     clean_prepared_dir,
     dtype_for_vocab,
+    make_index,
     read_index,
     write_index,
 )
@@ -348,23 +347,15 @@ def prepare_dataset(
     if log and val_fraction > 0 and progress.tokens["val"] == 0:
         log(f"prepare_data: warning: val split is empty ({progress.docs['train']} documents, all hashed to train)")
 
-    index = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "eot_after_each_document": True,
-        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(), "spec": spec,
-                      "definition": tok.definition()},
-        "split_rule": rule,
-        "shard_tokens": shard_tokens,
-        "splits": {s: {"tokens": writers[s].total_tokens, "documents": progress.docs[s], "shards": shard_lists[s]}
-                   for s in splits},
-        "total_tokens": sum(w.total_tokens for w in writers.values()),
-        "recipe": recipe,
-        "created_unix": time.time(),
-    }
+    index = make_index(
+        dtype, tok.vocab_size, tok.eot_id,
+        {"name": tok.name, "fingerprint": tok.fingerprint(), "spec": spec, "definition": tok.definition()},
+        shard_tokens,
+        {s: {"tokens": writers[s].total_tokens, "documents": progress.docs[s], "shards": shard_lists[s]}
+         for s in splits},
+        split_rule=rule,
+        recipe=recipe,
+    )
     write_index(out_dir, index)  # last: only now does the directory count as prepared
     if log:
         log(progress.line("done"))

@@ -137,17 +137,19 @@ def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
 
 
 def split_at_safe_boundary(buf: str) -> int:
-    """Index just after the last newline that is followed by a non-whitespace character, or -1.
+    """Index just after the last lone newline ("X\nY", X and Y not whitespace), or -1 if there is none.
 
     Tokenizing `buf[:i]` and `buf[i:]` separately gives the same ids as tokenizing `buf` whole at such a
-    cut, for byte-level and for GPT-2/cl100k-style BPE: every pre-tokenizer piece that contains a newline
-    consists only of whitespace, so it can never extend over the non-whitespace character after it.
+    cut, for byte-level and for GPT-2/cl100k-style BPE: in those pre-tokenizers no piece reaches across a
+    newline into the non-whitespace character after it, and a piece ends at a lone newline between two
+    non-whitespace characters whether or not any text follows it. (Cutting after "\n\n" is NOT
+    safe: at the end of a string GPT-2's `\s+(?!\S)` takes "\n\n" as one piece, mid-text "\n" + "\n".)
     """
     end = len(buf) - 1  # the newline must have a following character we can inspect
     while True:
-        i = buf.rfind("\n", 0, end)
+        i = buf.rfind("\n", 1, end)
         if i < 0:
             return -1
-        if not buf[i + 1].isspace():
+        if not buf[i + 1].isspace() and not buf[i - 1].isspace():
             return i + 1
         end = i
