@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig
-from llm_dist.model.layers import _init_linear, apply_rope
+from llm_dist.model.layers import _init_linear, apply_rope, upcast
 
 if TYPE_CHECKING:  # generate.py imports the model; only the type is needed here
     from llm_dist.model.generate import KVCache
@@ -49,7 +49,7 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     qg = q.view(B, Hkv, H // Hkv, Tq, D)  # (B, Hkv, G, Tq, D)
-    scores = (qg.float() @ k.float().unsqueeze(2).transpose(-2, -1)) / math.sqrt(D)  # (B, Hkv, G, Tq, Tk)
+    scores = (upcast(qg) @ upcast(k).unsqueeze(2).transpose(-2, -1)) / math.sqrt(D)  # (B, Hkv, G, Tq, Tk)
     scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     probs = F.dropout(F.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
     out = probs.type_as(v) @ v.unsqueeze(2)  # (B, Hkv, G, Tq, D)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm_dist.model.layers import upcast
 from llm_dist.model.transformer import Transformer
 
 
@@ -100,7 +101,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = F.softmax(sorted_logits.float(), dim=-1)
+        probs = F.softmax(upcast(sorted_logits), dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V): mass of the strictly better tokens
         drop_sorted = mass_before >= top_p  # the first token has mass_before 0 and always survives
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
@@ -109,11 +110,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution `sample_next` draws from (temperature > 0): softmax(filter(logits / T)), (B, V) float32."""
+    """The distribution `sample_next` draws from (temperature > 0): softmax(filter(logits / T)), (B, V), at least float32."""
     if temperature <= 0:
         raise ValueError(f"sampling needs temperature > 0 (use sample_next for greedy), got {temperature}")
     # float32: bf16 logits / a small temperature would flatten or overflow the softmax.
-    return F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return F.softmax(filter_logits(upcast(logits) / temperature, top_k, top_p), dim=-1)
 
 
 def sample_next(

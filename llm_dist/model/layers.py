@@ -16,6 +16,13 @@ import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig
 
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (half precisions are widened; float64 is left alone for reference tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 # ------------------------------------------------------------------------------------------------ norms
 
 
@@ -33,9 +40,9 @@ class RMSNorm(nn.Module):
         self.init_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # (..., C)
-        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).type_as(x)
+        xf = upcast(x)  # (..., C)
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * upcast(self.weight)).type_as(x)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
@@ -161,7 +168,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     of the original RoPE / Llama, written out in reals so it runs in any dtype and compiles cleanly.
     The rotation is done in float32 so bf16 activations do not lose the (small) position signal.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    xf = upcast(x).unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, H, T, D/2) each
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, H, T, D/2, 2)
     return out.flatten(-2).type_as(x)  # (B, H, T, D)
