@@ -18,7 +18,6 @@ at any point therefore leaves either no index (the directory is "not prepared") 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -287,13 +286,3 @@ def clean_prepared_dir(out_dir: str | os.PathLike) -> list[str]:
             p.unlink()
             removed.append(p.name)
     return removed
-
-
-def data_fingerprint(index: dict[str, Any], split: str) -> str:
-    """Short hash of what a split's token stream is: tokenizer + shard names and sizes (for resume checks)."""
-    blob = json.dumps(
-        {"tokenizer": index["tokenizer"].get("fingerprint"), "dtype": index["dtype"],
-         "shards": index["splits"][split]["shards"]},
-        sort_keys=True, separators=(",", ":"),
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

@@ -19,6 +19,7 @@ with any world size / micro-batch / global batch continues exactly where the sav
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from llm_dist.data.index import DataIndexError, data_fingerprint, read_index
+from llm_dist.data.index import DataIndexError, read_index
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]
 STATE_VERSION = 1
@@ -77,6 +78,19 @@ class TokenStream:
             need -= piece.size
             j, off = j + 1, 0
         return np.concatenate(parts)
+
+    def fingerprint(self, tokenizer_fingerprint: str | None, probes: int = 64, width: int = 16) -> str:
+        """Short hash of the stream's content: length plus tokens at fixed probe positions.
+
+        Independent of how the tokens are sharded (a re-sharded copy resumes fine) yet different for
+        another corpus or tokenizer; reads only `probes` small windows, so it is cheap at start-up.
+        """
+        n = len(self)
+        width = min(width, n)
+        h = hashlib.sha256(f"{tokenizer_fingerprint}|{n}".encode())
+        for start in np.linspace(0, n - width, probes).astype(np.int64).tolist():
+            h.update(self.window(start, width).astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def read_xy(self, starts: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """For each i: x[i] = tokens[s_i : s_i+T], y[i] = tokens[s_i+1 : s_i+T+1]; x, y are [len(starts), T]."""
@@ -136,7 +150,7 @@ class ShardedLoader:
                 f"{self.data_dir}: split {split!r} has {self.n_tokens} tokens, fewer than seq_len + 1 = "
                 f"{self.seq_len + 1}: lower seq_len or prepare more data"
             )
-        self.data_fingerprint = data_fingerprint(self.index, split)
+        self.data_fingerprint = self.stream.fingerprint(self.index["tokenizer"].get("fingerprint"))
         self._consumed = 0  # global positions consumed since epoch 0, slot 0
         self._perms: dict[int, np.ndarray] = {}
         self.set_global_batch(global_batch)

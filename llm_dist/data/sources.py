@@ -137,7 +137,7 @@ def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
 
 
 def split_at_safe_boundary(buf: str) -> int:
-    """Index just after the last lone newline ("X\nY", X and Y not whitespace), or -1 if there is none.
+    r"""Index just after the last lone newline ("X\nY", X and Y not whitespace), or -1 if there is none.
 
     Tokenizing `buf[:i]` and `buf[i:]` separately gives the same ids as tokenizing `buf` whole at such a
     cut, for byte-level and for GPT-2/cl100k-style BPE: in those pre-tokenizers no piece reaches across a
