@@ -16,7 +16,7 @@ from typing import Iterable
 
 import regex
 
-from llm_dist.tokenizer.pretokenize import scrub_surrogates, split_specials
+from llm_dist.tokenizer.pretokenize import scrub_surrogates
 
 
 def bpe_merge_piece(piece: bytes, ranks: dict[bytes, int]) -> list[bytes]:
@@ -76,4 +76,4 @@ def reference_decode_bytes(ids: Iterable[int], ranks: dict[bytes, int], special_
     return b"".join(inv[int(i)] for i in ids)
 
 
-__all__ = ["bpe_merge_piece", "reference_encode_ordinary", "reference_encode", "reference_decode_bytes", "split_specials"]
+__all__ = ["bpe_merge_piece", "reference_encode_ordinary", "reference_encode", "reference_decode_bytes"]
