@@ -1,0 +1,81 @@
+"""Config: YAML + dotted overrides, type checks, closest-key hints, invariants, clean CLI failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_dist.config import Config, ConfigError, load_config, parse_args
+from tests.helpers import REPO, run_launcher
+
+
+def test_defaults_validate_and_configs_load() -> None:
+    Config().validate(1)
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(str(path))
+        cfg.validate(8 if cfg.train.batch_size >= 64 else 1)
+
+
+def test_precedence_default_preset_yaml_cli(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  preset: gpt2-124M\n  n_layer: 3\noptim:\n  lr: 6.0e-4\n")
+    cfg = load_config(str(y), ["optim.lr=1e-3", "model.n_head=4"])
+    assert cfg.model.n_embd == 768  # from the preset
+    assert cfg.model.n_layer == 3  # YAML beats the preset
+    assert cfg.model.n_head == 4 and cfg.optim.lr == 1e-3  # CLI beats YAML
+    assert cfg.optim.beta2 == Config().optim.beta2  # untouched default
+
+
+def test_cli_values_are_typed() -> None:
+    cfg = load_config(None, ["train.compile=true", "train.max_steps=1_000", "optim.lr=3e-4", "out_dir=x"])
+    assert cfg.train.compile is True and cfg.train.max_steps == 1000 and cfg.optim.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "did you mean optim.lr?"),
+    (["modle.n_layer=2"], "did you mean model?"),
+    (["train.compile=maybe"], "train.compile: expected bool"),
+    (["train.max_steps=1.5"], "train.max_steps: expected int"),
+    (["optim.lr=-1"], "optim.lr: expected a positive number"),
+    (["model.n_embd=100", "model.n_head=3"], "model.n_embd=100 must be divisible by model.n_head=3"),
+    (["model.n_head=4", "model.n_kv_head=3"], "divisible by model.n_kv_head=3"),
+    (["train.batch_size=10", "train.micro_batch_size=4"], "train.batch_size=10 must be divisible"),
+    (["parallel.strategy=dpp"], "did you mean 'ddp'?"),
+    (["model.preset=gpt5"], "unknown preset 'gpt5'"),
+    (["model=3"], "is a section"),
+    (["train.max_steps"], "expected key=value"),
+])
+def test_errors_are_one_clear_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides).validate(1)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_batch_divisibility_depends_on_world_size() -> None:
+    cfg = load_config(None, ["train.batch_size=8", "train.micro_batch_size=4"])
+    cfg.validate(2)
+    with pytest.raises(ConfigError, match="world_size\\*train.micro_batch_size=4\\*4=16"):
+        cfg.validate(4)
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: [1\n")
+    with pytest.raises(ConfigError, match=f"{bad}.*invalid YAML"):
+        load_config(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=f"{typo}: unknown config key 'train.max_step'; did you mean train.max_steps"):
+        load_config(str(typo))
+    with pytest.raises(ConfigError, match="not found"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_launcher_rejects_bad_config_before_touching_anything(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={out}", "optim.lr=-0.1"],
+                     check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["config error: optim.lr: expected a positive number, got -0.1"]
+    assert not out.exists()
