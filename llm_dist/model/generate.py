@@ -142,7 +142,6 @@ def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     return model.tok_emb.weight.dtype
 
 
-@torch.inference_mode()
 def generate(
     model: Transformer,
     idx: torch.Tensor,
@@ -163,11 +162,30 @@ def generate(
     KVCache, then the sliding-window recomputation once the context fills block_size (see the module
     docstring). `use_cache=False`: full recomputation over the last block_size tokens every step.
 
-    Pass the bare `Transformer` (not a DDP/compiled wrapper). It runs in eval mode (dropout off) and
-    its previous train/eval mode is restored afterwards.
+    Pass the bare `Transformer` (not a DDP/compiled wrapper). It runs in eval mode (dropout off) under
+    `torch.inference_mode()`, and its previous train/eval mode is restored afterwards. The result is
+    an ordinary tensor (cloned out of inference mode), so RL code can feed rollouts back into a
+    forward pass that records gradients.
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, T0) with T0 >= 1, got {tuple(idx.shape)}")
+    with torch.inference_mode():
+        out = _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+    return out.clone()
+
+
+def _decode(
+    model: Transformer,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int | None,
+    use_cache: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The decoding loop of `generate` (called under inference mode)."""
     block_size, V = model.cfg.block_size, model.vocab_size
     was_training = model.training
     model.eval()
