@@ -30,7 +30,7 @@ class ModelConfig:
     preset: str = ""  # named preset applied under the explicit keys (see llm_dist/model/presets.py); "" = none
     vocab_size: int = 0  # 0 = take it from the tokenizer; always padded up to a multiple of `vocab_multiple`
     vocab_multiple: int = 64  # pad the embedding/LM head to a multiple of this (faster matmuls)
-    block_size: int = 256  # context length in tokens
+    block_size: int = 128  # context length in tokens
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads
     n_kv_head: int = 0  # key/value heads for GQA/MQA; 0 = n_head (plain multi-head attention)
@@ -73,11 +73,11 @@ class DataConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine/linear/wsd)
     weight_decay: float = 0.1  # decoupled weight decay for >=2-D weights (embeddings, matmuls); none on biases/norms
     beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
+    beta2: float = 0.99  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     fused: str = "auto"  # auto (fused on CUDA) | true | false
     schedule: str = "cosine"  # cosine | linear | constant | wsd
@@ -92,7 +92,7 @@ class TrainConfig:
     seed: int = 1337  # base seed; each rank derives its own from it
     max_steps: int = 2000  # optimizer steps
     batch_size: int = 32  # global batch in sequences per optimizer step (all ranks, all micro-batches)
-    micro_batch_size: int = 32  # sequences per rank per forward/backward
+    micro_batch_size: int = 16  # sequences per rank per forward/backward
     batch_ramp_tokens: int = 0  # ramp the global batch linearly over this many tokens; 0 = no ramp
     batch_ramp_start: int = 0  # global batch (sequences) at the start of the ramp
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
@@ -136,10 +136,10 @@ class LoggingConfig:
 class EvalConfig:
     """Validation and samples during training."""
 
-    interval: int = 250  # validation loss every N steps (and at the end); 0 = only at the end
+    interval: int = 500  # validation loss every N steps (and at the end); 0 = only at the end
     steps: int = 20  # validation batches (global batch each) per evaluation
     sample_interval: int = 0  # print a sample every N steps; 0 = only at the end
-    sample_tokens: int = 200  # tokens per sample
+    sample_tokens: int = 300  # tokens per sample
     sample_prompt: str = "\n"  # prompt for the samples
     temperature: float = 0.8  # sampling temperature
     top_k: int = 200  # sample only from the k most likely tokens; 0 = all
