@@ -45,7 +45,9 @@ class TokenStream:
         # bounds[j] = first global token of shard j; bounds[-1] = total tokens.
         self.bounds = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)]).astype(np.int64)
         self._bounds = self.bounds.tolist()  # Python ints: cheaper than numpy scalars in the per-row loop
+        self._counts = np.asarray(self.counts, dtype=np.int64)
         self._maps: list[np.ndarray | None] = [None] * len(self.files)
+        self._sliding_views: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self._bounds[-1]
@@ -92,14 +94,34 @@ class TokenStream:
             h.update(self.window(start, width).astype(np.int64).tobytes())
         return h.hexdigest()[:16]
 
-    def read_xy(self, starts: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-        """For each i: x[i] = tokens[s_i : s_i+T], y[i] = tokens[s_i+1 : s_i+T+1]; x, y are [len(starts), T]."""
-        T = x.shape[1]
-        shard_of = (np.searchsorted(self.bounds, starts, side="right") - 1).tolist()
-        for i, (s, j) in enumerate(zip(starts.tolist(), shard_of)):
-            w = self._window(s, T + 1, j)  # [T+1] storage dtype
-            x[i] = w[:-1]  # the assignment widens uint16/uint32 -> int64 in the same pass as the copy
-            y[i] = w[1:]
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """out[i] = tokens[starts[i] : starts[i] + length] -> [len(starts), length] in the storage dtype.
+
+        Windows inside one shard are copied by a single fancy-index per shard from a sliding-window view
+        of its mapping (no per-token or per-row Python); only shard-crossing windows go row by row.
+        """
+        starts = np.asarray(starts, dtype=np.int64)  # [n]
+        if starts.size and (starts.min() < 0 or starts.max() + length > len(self)):
+            raise IndexError(f"a window of {length} tokens falls outside the stream of {len(self)} tokens")
+        out = np.empty((starts.size, length), dtype=self.dtype)  # [n, length]
+        shard = np.searchsorted(self.bounds, starts, side="right") - 1  # [n] shard holding each start
+        local = starts - self.bounds[shard]  # [n] offset inside that shard
+        inside = local + length <= self._counts[shard]  # [n] window ends in the same shard
+        for j in np.unique(shard[inside]).tolist():
+            rows = np.flatnonzero(inside & (shard == j))
+            out[rows] = self._sliding(j, length)[local[rows]]
+        for i in np.flatnonzero(~inside).tolist():
+            out[i] = self._window(int(starts[i]), length, int(shard[i]))
+        return out
+
+    def _sliding(self, j: int, length: int) -> np.ndarray:
+        """Read-only [count - length + 1, length] view of shard j whose row r is tokens r .. r+length-1."""
+        key = (j, length)
+        view = self._sliding_views.get(key)
+        if view is None:
+            view = np.lib.stride_tricks.sliding_window_view(self._shard(j), length)
+            self._sliding_views[key] = view
+        return view
 
 
 class ShardedLoader:
@@ -227,13 +249,16 @@ class ShardedLoader:
     # -- batches ------------------------------------------------------------------------------------------
 
     def _load(self, sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows of these samples as (x, y), int64 [len(sample_ids), seq_len] each, on self.device."""
         n, T = len(sample_ids), self.seq_len
+        win = self.stream.gather(sample_ids * T, T + 1)  # [n, T+1] storage dtype
         pin = self.device.type == "cuda"
-        # Fresh buffers per micro-batch: a pinned buffer must not be refilled while its async copy runs,
-        # and torch's caching host allocator makes re-allocation cheap.
+        # Fresh buffers per call: a pinned buffer must not be refilled while its async copy may still be
+        # running, and torch's caching host allocator makes the re-allocation cheap.
         x = torch.empty((n, T), dtype=torch.int64, pin_memory=pin)
         y = torch.empty((n, T), dtype=torch.int64, pin_memory=pin)
-        self.stream.read_xy(sample_ids * T, x.numpy(), y.numpy())
+        x.numpy()[...] = win[:, :-1]  # widen uint16/uint32 -> int64 while copying
+        y.numpy()[...] = win[:, 1:]
         if self.device.type != "cpu":
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
@@ -243,7 +268,11 @@ class ShardedLoader:
         per_rank = self.global_batch // self.world_size
         start = first_global + self.rank * per_rank
         ids = sample_ids_of(np.arange(start, start + per_rank, dtype=np.int64))  # [B/W]
-        return [self._load(ids[m : m + self.micro_batch]) for m in range(0, per_rank, self.micro_batch)]
+        # One read and one host->device copy for the whole rank share; micro-batches are row slices of it
+        # (contiguous views), which keeps per-micro-batch overhead near zero.
+        x, y = self._load(ids)  # [B/W, T] each
+        return [(x[m : m + self.micro_batch], y[m : m + self.micro_batch])
+                for m in range(0, per_rank, self.micro_batch)]
 
     def next_batch(self) -> Batch:
         """This rank's micro-batches of the next global step; advances the global position by global_batch."""
