@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llm_dist.data import (
     DataIndexError,
@@ -99,7 +100,8 @@ def test_byte_chunk_cuts_and_num_proc_do_not_change_bytes(tmp_path: Path) -> Non
                         shard_tokens=123_457, log=None)
     for split in ("train", "val"):
         assert np.array_equal(read_split(tmp_path / "a", split), read_split(tmp_path / "b", split))
-    assert a["split_rule"]["train_chars"] == int(1_115_394 * 0.75)
+    assert a["split_rule"] == b["split_rule"] and a["split_rule"]["train_chars"] == int(1_115_394 * 0.75)
+    assert len(b["splits"]["train"]["shards"]) == -(-a["splits"]["train"]["tokens"] // 123_457)
 
 
 # --- many documents: JSONL and multi-file inputs --------------------------------------------------------
@@ -190,13 +192,7 @@ def test_dtype_choice(tmp_path: Path) -> None:
     assert idx["dtype"] == "uint32"
     assert read_split(tmp_path / "w", "train").tolist() == tok.encode_ordinary(src.read_text()) + [70_000]
     x, y = ShardedLoader(tmp_path / "w", "train", 4, 1, 1, shuffle=False).next_batch()[0]
-    assert x.dtype == torch_int64() and x[0].tolist() == tok.encode_ordinary("wide")
-
-
-def torch_int64():
-    import torch
-
-    return torch.int64
+    assert x.dtype == torch.int64 and x[0].tolist() == tok.encode_ordinary("wide")
 
 
 # --- crash safety and idempotence -----------------------------------------------------------------------
