@@ -20,7 +20,7 @@ def test_decay_groups_cover_every_parameter_once() -> None:
     assert len(decay["params"]) + len(no_decay["params"]) == len(params)
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    opt = build_optimizer(model, OptimConfig(fused="false"), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(fused="false", beta2=0.95), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
 
 
