@@ -10,7 +10,7 @@ import torch
 from llm_dist.model.attention import causal_mask, manual_attention, sdpa_attention
 from llm_dist.model.transformer import Transformer
 
-from conftest import tiny
+from tiny_config import tiny
 
 HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 

@@ -11,7 +11,7 @@ import torch
 from llm_dist.model.generate import KVCache, filter_logits, generate, sample_next, sampling_probs
 from llm_dist.model.transformer import Transformer, build_model
 
-from conftest import tiny
+from tiny_config import tiny
 
 CASES = [(kv, pos) for kv in (4, 2, 1) for pos in ("rope", "learned")]  # MHA, GQA, MQA x positions
 

@@ -12,7 +12,7 @@ from llm_dist.model.layers import (
     MLP, LayerNorm, RMSNorm, RotaryEmbedding, apply_rope, mlp_hidden_size, rope_tables, sinusoidal_table,
 )
 
-from conftest import tiny
+from tiny_config import tiny
 
 
 def rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:

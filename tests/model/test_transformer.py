@@ -13,7 +13,7 @@ from llm_dist.config import ModelConfig
 from llm_dist.model.presets import get_preset
 from llm_dist.model.transformer import Transformer, build_model, model_summary, padded_vocab_size
 
-from conftest import tiny
+from tiny_config import tiny
 
 
 @pytest.mark.parametrize("pos_emb,norm,norm_position", itertools.product(
