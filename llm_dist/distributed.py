@@ -170,15 +170,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a small picklable object from `src` to every rank (only our own objects: paths, steps)."""
-    if get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device) with one value."""
     random.seed(seed)
