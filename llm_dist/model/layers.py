@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig
+from llm_dist.model.init import normal_
 
 
 
@@ -127,7 +128,7 @@ class MLP(nn.Module):
 
 def _init_linear(lin: nn.Linear, std: float, generator: torch.Generator | None) -> None:
     """GPT-2 init for one linear layer: weight ~ N(0, std^2), bias = 0."""
-    nn.init.normal_(lin.weight, mean=0.0, std=std, generator=generator)
+    normal_(lin.weight, std, generator)
     if lin.bias is not None:
         nn.init.zeros_(lin.bias)
 

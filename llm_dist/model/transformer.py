@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from llm_dist.config import ModelConfig
 from llm_dist.model.attention import CausalSelfAttention
+from llm_dist.model.init import normal_
 from llm_dist.model.layers import MLP, NoNorm, RotaryEmbedding, SinusoidalEmbedding, make_norm
 
 if TYPE_CHECKING:
@@ -121,9 +122,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight  # to_empty() gives tied parameters separate storage
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std, generator=generator)
+        normal_(self.tok_emb.weight, std, generator)
         if isinstance(self.pos_emb, nn.Embedding):
-            nn.init.normal_(self.pos_emb.weight, mean=0.0, std=std, generator=generator)
+            normal_(self.pos_emb.weight, std, generator)
         elif self.pos_emb is not None:
             self.pos_emb.init_weights()
         if self.rope is not None:
@@ -132,7 +133,7 @@ class Transformer(nn.Module):
             block.init_weights(std, out_std, generator)
         self.norm_f.init_weights()
         if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std, generator=generator)
+            normal_(self.lm_head.weight, std, generator)
 
     # ----------------------------------------------------------------------------------------- forward
 
@@ -213,19 +214,14 @@ class Transformer(nn.Module):
 def build_model(cfg: ModelConfig, device: torch.device | str, seed: int | None = None) -> Transformer:
     """Construct on the meta device, materialise on `device` and initialise once.
 
-    No memory is spent on a throw-away CPU init, and with `seed` the init draws from a private
-    generator (the global RNG is left alone), so every rank that passes the same seed gets bit-identical
-    weights without broadcasting them.
+    No memory is spent on a throw-away CPU init. With `seed` the init draws from a private CPU
+    generator (the global RNG is left alone; see `llm_dist/model/init.py`), so every rank and every
+    device that passes the same seed gets bit-identical weights without broadcasting them.
     """
     with torch.device("meta"):
         model = Transformer(cfg)
-    device = torch.device(device)
-    model.to_empty(device=device)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    model.init_weights(generator=generator)
+    model.to_empty(device=torch.device(device))
+    model.init_weights(generator=torch.Generator().manual_seed(seed) if seed is not None else None)
     return model
 
 
