@@ -24,6 +24,31 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class AttnConfig:
+    """Which keys each query may see: full causal, a sliding window, attention sinks, per-layer patterns."""
+
+    window: int = 0  # sliding window: a query sees itself and the window-1 keys before it; 0 = full causal attention
+    sinks: int = 0  # the first `sinks` positions stay visible to every query (StreamingLLM); needs window > 0
+    pattern: str = ""  # per-layer kinds cycled over the layers, e.g. "local,local,global"; "" = all local if window else all global
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (num_experts = 0: every layer is a dense MLP)."""
+
+    num_experts: int = 0  # routed experts per MoE layer; 0 = no MoE
+    top_k: int = 2  # experts per token
+    expert_hidden: int = 0  # inner width of each expert; 0 = the dense MLP's (model.mlp_hidden rule)
+    router: str = "softmax"  # softmax | sigmoid (scores before top-k; the chosen gates are renormalised to sum to 1)
+    aux_loss_coef: float = 0.01  # switch load-balancing loss weight: coef * E * sum_e f_e * P_e
+    z_loss_coef: float = 0.001  # router z-loss weight: coef * mean(logsumexp(router logits)^2)
+    capacity_factor: float = 0.0  # expert capacity = ceil(factor * tokens * top_k / E), overflow dropped; 0 = dropless
+    shared_expert: bool = False  # add one always-on dense expert (DeepSeek-style) beside the routed ones
+    every_n_layers: int = 1  # MoE in every n-th layer after the dense prefix (1 = all of them)
+    first_dense_layers: int = 0  # the first n layers stay dense
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only transformer shape and architecture choices."""
 
@@ -48,6 +73,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the token embedding with the LM head
     attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | manual (explicit softmax reference)
     init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2*n_layer)
+    ops: str = "torch"  # torch | scratch (hand-written Linear, Embedding, softmax, cross-entropy, AdamW, clipping)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -101,6 +129,8 @@ class TrainConfig:
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     detect_anomaly: bool = False  # autograd anomaly detection + a finite-loss check every step (slow; debug)
+    nonfinite: str = "skip"  # NaN/Inf loss or gradients: skip (drop the update, count it) | halt
+    max_skipped_steps: int = 5  # nonfinite=skip: halt after this many non-finite steps in a row
     log_interval: int = 10  # log every N steps
 
 
@@ -108,17 +138,26 @@ class TrainConfig:
 class ParallelConfig:
     """How ranks share the work."""
 
-    strategy: str = "auto"  # auto (ddp under torchrun/srun with >1 rank, else single) | single | ddp
+    strategy: str = "auto"  # auto (ddp with >1 rank, else single) | single | ddp | fsdp | hsdp
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     ddp_bucket_mb: int = 25  # DDP gradient bucket size in MiB
+    hsdp_replicas: int = 0  # hsdp: replica groups (mesh dim 0); 0 = number of nodes (world / ranks per node)
+    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (less memory, one more all-gather)
+    reduce_dtype: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter (fp32 | bf16)
+    cpu_offload: bool = False  # fsdp: keep sharded params, grads and optimizer state in CPU memory
+    ac: str = "none"  # activation checkpointing: none | full (every block) | selective
+    ac_selective: str = "op"  # selective: op (save matmul/attention outputs, recompute the rest) | layer
+    ac_every: int = 2  # selective=layer: checkpoint every k-th block
 
 
 @dataclass
 class CheckpointConfig:
     """Saving and resuming."""
 
+    dir: str = ""  # where checkpoints go: a path or fsspec URL (s3://...); "" = <out_dir>/checkpoints
     interval: int = 0  # save every N steps (0 = only at the end)
+    async_save: bool = False  # write in the background (dcp.async_save); training blocks only to stage to CPU
     keep_last_k: int = 3  # complete checkpoints to keep (the newest); 0 = keep all
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir, if any) | never | path of a checkpoint
 
@@ -329,15 +368,26 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
     return load_config(path, rest)
 
 
+def _section_paths(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dataclass name -> dotted config path of every (nested) section below `cls`."""
+    out: dict[str, str] = {}
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out[tp.__name__] = prefix + name
+            out.update(_section_paths(tp, prefix + name + "."))
+    return out
+
+
 def help_text() -> str:
     """Every key with its default and comment, read from this file's dataclasses."""
     src = Path(__file__).read_text().splitlines()
     lines = ["usage: [--config PATH] [section.key=value ...]", ""]
     section = ""
+    paths = _section_paths(Config)  # "MoEConfig" -> "model.moe": nested sections print their dotted path
     for line in src:
         s = line.strip()
         if s.startswith("class ") and s.endswith("Config:") and s != "class Config:":
-            section = s[6:-7].lower()  # "class ModelConfig:" -> "model"
+            section = paths.get(s[6:-1], s[6:-7].lower())  # "class ModelConfig:" -> "model"
         elif section and ":" in s and "=" in s and "#" in s and not s.startswith(("def", "#", "raise", "if")):
             name = s.split(":", 1)[0]
             lines.append(f"  {section}.{name} = {s.split('=', 1)[1].split('#')[0].strip():<12} # {s.split('#', 1)[1].strip()}")
@@ -358,6 +408,52 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value}")
+
+
+def layer_kinds(m: ModelConfig) -> list[str]:
+    """'local' (sliding window) or 'global' (full causal) for every layer, from model.attn.pattern."""
+    if not m.attn.pattern:
+        return ["local" if m.attn.window else "global"] * m.n_layer
+    kinds = [k.strip() for k in m.attn.pattern.split(",")]
+    return [kinds[i % len(kinds)] for i in range(m.n_layer)]
+
+
+def moe_layers(m: ModelConfig) -> list[bool]:
+    """Which layers hold an MoE feed-forward: after `first_dense_layers`, every `every_n_layers`-th one."""
+    e = m.moe
+    return [e.num_experts > 0 and i >= e.first_dense_layers and (i - e.first_dense_layers) % e.every_n_layers == 0
+            for i in range(m.n_layer)]
+
+
+def _validate_attn(m: ModelConfig) -> None:
+    a = m.attn
+    _positive("model.attn.window", a.window, allow_zero=True)
+    _positive("model.attn.sinks", a.sinks, allow_zero=True)
+    if a.sinks and not a.window:
+        raise ConfigError(f"model.attn.sinks={a.sinks} needs a sliding window (model.attn.window > 0)")
+    if a.pattern:
+        for kind in a.pattern.split(","):
+            _choice("model.attn.pattern", kind.strip(), ("local", "global"))
+        if "local" in a.pattern and not a.window:
+            raise ConfigError(f"model.attn.pattern={a.pattern!r} has local layers but model.attn.window=0")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _positive("model.moe.num_experts", e.num_experts, allow_zero=True)
+    if not e.num_experts:
+        return
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.num_experts={e.num_experts}]")
+    _positive("model.moe.expert_hidden", e.expert_hidden, allow_zero=True)
+    _choice("model.moe.router", e.router, ("softmax", "sigmoid"))
+    for key in ("aux_loss_coef", "z_loss_coef", "capacity_factor"):
+        _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+    _positive("model.moe.every_n_layers", e.every_n_layers)
+    _positive("model.moe.first_dense_layers", e.first_dense_layers, allow_zero=True)
+    if e.first_dense_layers >= m.n_layer:
+        raise ConfigError(f"model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE layer "
+                          f"(model.n_layer={m.n_layer})")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -384,6 +480,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.rope_theta", m.rope_theta)
+    _choice("model.ops", m.ops, ("torch", "scratch"))
+    _validate_attn(m)
+    _validate_moe(m)
 
     if not cfg.tokenizer.name:
         raise ConfigError("tokenizer.name: expected 'byte', 'gpt2' or a tokenizer file path, got ''")
@@ -426,13 +525,27 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 f"train.batch_ramp_start={t.batch_ramp_start} must be in (0, train.batch_size] and divisible by "
                 f"world_size*train.micro_batch_size={step}")
 
-    _choice("parallel.strategy", cfg.parallel.strategy, ("auto", "single", "ddp"))
+    p = cfg.parallel
+    _choice("parallel.strategy", p.strategy, ("auto", "single", "ddp", "fsdp", "hsdp"))
+    _choice("parallel.reduce_dtype", p.reduce_dtype, ("fp32", "bf16"))
+    _choice("parallel.ac", p.ac, ("none", "full", "selective"))
+    _choice("parallel.ac_selective", p.ac_selective, ("op", "layer"))
+    _positive("parallel.ac_every", p.ac_every)
+    _positive("parallel.hsdp_replicas", p.hsdp_replicas, allow_zero=True)
+    if p.strategy == "hsdp" and p.hsdp_replicas and world_size % p.hsdp_replicas:
+        raise ConfigError(f"parallel.hsdp_replicas={p.hsdp_replicas} must divide the world size {world_size}")
+    if p.cpu_offload and p.strategy not in ("fsdp", "hsdp"):
+        raise ConfigError(f"parallel.cpu_offload needs parallel.strategy=fsdp or hsdp, got {p.strategy!r}")
+    if t.dtype == "fp16" and p.strategy in ("fsdp", "hsdp"):
+        raise ConfigError("train.dtype=fp16 is not supported with fsdp/hsdp (no sharded grad scaler); use bf16")
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _choice("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda"))
     if cfg.parallel.strategy == "single" and world_size > 1:
         raise ConfigError(f"parallel.strategy=single cannot run with world_size={world_size}; use ddp")
     _positive("parallel.ddp_bucket_mb", cfg.parallel.ddp_bucket_mb)
 
+    _choice("train.nonfinite", t.nonfinite, ("skip", "halt"))
+    _positive("train.max_skipped_steps", t.max_skipped_steps)
     _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
     _positive("checkpoint.keep_last_k", cfg.checkpoint.keep_last_k, allow_zero=True)
     if not cfg.checkpoint.resume:

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from llm_dist.checkpoint import find_latest, load_checkpoint, load_checkpoint_tokenizer
+from llm_dist.checkpoint import find_latest, load_checkpoint_tokenizer, read_config, verify
+from llm_dist.checkpoint.sharded import load_model_weights
 from llm_dist.config import Config, ConfigError, apply_dict
 from llm_dist.distributed import pick_device
 from llm_dist.model.generate import generate
@@ -17,28 +18,26 @@ from llm_dist.model.transformer import Transformer, build_model
 from llm_dist.tokenizer import Tokenizer
 
 
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path: str) -> str:
     """A checkpoint dir, or a run dir / checkpoints dir whose newest complete checkpoint is used."""
-    p = Path(path)
-    for cand in (p, p / "checkpoints"):
-        if (cand / "COMPLETE").is_file():
-            return cand
-        latest = find_latest(cand, report=False) if cand.is_dir() else None
+    if verify(path) is None:
+        return path
+    for cand in (path, str(Path(path) / "checkpoints")):
+        latest = find_latest(cand, report=False) if "://" in cand or Path(cand).is_dir() else None
         if latest is not None:
             return latest
     raise FileNotFoundError(f"--checkpoint {path}: no complete checkpoint there (expected a step_N dir or a run dir)")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, Config]:
-    """Model (eval mode) + tokenizer + config from a checkpoint directory."""
-    ck_dir = resolve_checkpoint(str(path))
+def load_model(path: str, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, Config]:
+    """Model (eval mode, unsharded) + tokenizer + config from a checkpoint written by any number of ranks."""
+    url = resolve_checkpoint(str(path))
     cfg = Config()
-    apply_dict(cfg, yaml.safe_load((ck_dir / "config.yaml").read_text()))
+    apply_dict(cfg, yaml.safe_load(read_config(url)))
     model = build_model(cfg.model, device)
-    state = load_checkpoint(ck_dir, map_location=device)["state"]
-    model.load_state_dict(state["model"])
+    load_model_weights(model, url.rstrip("/") + "/dcp")
     model.eval()
-    return model, load_checkpoint_tokenizer(ck_dir), cfg
+    return model, load_checkpoint_tokenizer(url), cfg
 
 
 def main(argv: list[str] | None = None) -> int:

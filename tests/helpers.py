@@ -32,3 +32,11 @@ def run_launcher(args: list[str], nproc: int = 1, timeout: int = 300, check: boo
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run_dir: Path) -> dict:
+    """Parameters of a run's newest checkpoint, unsharded, whatever strategy and world size wrote it."""
+    from llm_dist.sample import load_model
+
+    model, _, _ = load_model(str(run_dir))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

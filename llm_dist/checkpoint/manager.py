@@ -1,197 +1,299 @@
-"""Atomic checkpoint directories: write to `step_N.tmp/`, mark complete last, then rename.
+"""Crash-safe, elastic checkpoints: sharded model/optimizer (DCP) plus the run's small state, via fsspec.
 
-Layout of one checkpoint (`<out_dir>/checkpoints/step_00001000/`):
+One checkpoint, `<out_dir>/checkpoints/step_00001000/`:
 
-    state.pt          model, optimizer, grad scaler, trainer counters, data-loader position (rank 0 writes)
-    rng/rank_<r>.pt   each rank's python/numpy/torch/CUDA RNG state
-    config.yaml       the resolved run config
-    tokenizer.json    which tokenizer the ids belong to (config spec, fingerprint, definition)
-    tokenizer.bpe.json  the trained tokenizer itself, when it is not a built-in ("byte", "gpt2")
-    meta.json         step, tokens seen, world size, time, list of files
-    COMPLETE          written last; a directory without it is never loaded
+    dcp/               model + optimizer, one shard file per rank + .metadata (loads on any world size)
+    train_state.json   trainer counters, grad-scaler state, data-loader position (global: any world size)
+    rng/rank_<r>.pt    each rank's python/numpy/torch/CUDA RNG state
+    config.yaml        the resolved run config
+    tokenizer.json     which tokenizer the ids belong to (+ tokenizer.bpe.json for a trained one)
+    meta.json          step, world size, strategy, time, and every file with its size
+    COMPLETE           written last: without it the directory is never loaded
 
-A crash at any moment leaves either the previous complete checkpoints untouched plus a `.tmp` directory
-(ignored, and removed when that step is saved again), or a new complete checkpoint. Every `.pt` file is
-read with `torch.load(weights_only=True)`: nothing in a checkpoint can run code on load.
+Writing goes to `step_N.tmp/`; when every file is there, the directory is renamed to `step_N/` and only
+then `COMPLETE` is written, so on any filesystem (renames on object stores are copies) a checkpoint is
+complete exactly when its marker exists. A crash at any moment leaves the previous checkpoints untouched.
+With `async_save`, the sharded part is staged to CPU memory and written by a background thread on a
+separate gloo process group (so it never waits on, or deadlocks against, the training collectives);
+training goes on, at most one save is in flight, and rank 0 finalises it (rename + marker) once DCP's
+coordinator has written the metadata, which happens only after every rank's shards are written.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import posixpath
 import re
-import shutil
 import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import fsspec
 import torch
+import torch.distributed as dist
 
 from llm_dist import distributed as D
+from llm_dist.checkpoint import sharded
 from llm_dist.checkpoint.rng import get_rng_state
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
 
-BUILTIN_TOKENIZERS = ("byte", "gpt2")
-
 COMPLETE = "COMPLETE"
+BUILTIN_TOKENIZERS = ("byte", "gpt2")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_torch(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """(complete, incomplete) checkpoint directories, each sorted by step, oldest first."""
-    root = Path(ckpt_dir)
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path.rstrip("/")
+
+
+def _url(base: str, *parts: str) -> str:
+    """Join onto a local path or URL, keeping its protocol."""
+    return posixpath.join(str(base), *parts)
+
+
+def _write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def list_checkpoints(ckpt_dir: str) -> tuple[list[str], list[str]]:
+    """(complete, incomplete) checkpoint URLs, each sorted by step, oldest first."""
+    fs, root = _fs(ckpt_dir)
+    if not fs.exists(root):
+        return [], []
     complete, incomplete = [], []
-    if not root.is_dir():
-        return complete, incomplete
-    for p in sorted(root.iterdir()):
-        if not p.is_dir():
+    for p in sorted(fs.ls(root, detail=False)):
+        name = posixpath.basename(p.rstrip("/"))
+        if not name.startswith("step_"):
             continue
-        if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file():
-            complete.append(p)
-        elif p.name.startswith("step_"):
-            incomplete.append(p)
+        url = _url(ckpt_dir, name)
+        if _STEP_DIR.match(name) and fs.exists(posixpath.join(root, name, COMPLETE)):
+            complete.append(url)
+        else:
+            incomplete.append(url)
     return complete, incomplete
 
 
-def find_latest(ckpt_dir: str | os.PathLike, report: bool = True) -> Path | None:
-    """Newest complete checkpoint in `ckpt_dir`, or None. Incomplete ones are reported and skipped."""
-    complete, incomplete = list_checkpoints(ckpt_dir)
-    if report:
-        newest = int(complete[-1].name[5:]) if complete else -1
-        for p in incomplete:
-            m = re.match(r"step_(\d+)", p.name)
-            if m and int(m.group(1)) > newest:
-                D.warn0(f"checkpoint {p} is incomplete (no {COMPLETE} marker): skipped")
-    return complete[-1] if complete else None
+def _step_of(url: str) -> int:
+    m = re.match(r"step_(\d+)", posixpath.basename(str(url).rstrip("/")))
+    return int(m.group(1)) if m else -1
 
 
-def _check_complete(path: Path) -> None:
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path}: no such directory")
-    if not (path / COMPLETE).is_file():
-        raise RuntimeError(f"checkpoint {path}: incomplete (no {COMPLETE} marker); refusing to load it")
-
-
-def load_checkpoint(path: str | os.PathLike, rank: int = 0, map_location: str | torch.device = "cpu") -> dict:
-    """Read a complete checkpoint: {"state": ..., "rng": this rank's RNG or None, "meta": ..., "path": ...}."""
-    path = Path(path)
-    _check_complete(path)
+def verify(url: str) -> str | None:
+    """None if every file listed in meta.json is there with its recorded size, else what is wrong."""
+    fs, root = _fs(url)
+    if not fs.exists(posixpath.join(root, COMPLETE)):
+        return f"checkpoint {url}: incomplete (no {COMPLETE} marker)"
     try:
-        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated or corrupted file: name it, don't dump a pickle traceback
-        raise RuntimeError(f"checkpoint {path / 'state.pt'}: cannot be read ({type(e).__name__}: {e})") from None
-    rng_file = path / "rng" / f"rank_{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
-    meta = json.loads((path / "meta.json").read_text())
-    return {"state": state, "rng": rng, "meta": meta, "path": path}
+        meta = json.loads(fs.cat_file(posixpath.join(root, "meta.json")))
+    except Exception as e:  # noqa: BLE001 - any unreadable meta means an unusable checkpoint
+        return f"checkpoint {url}/meta.json: unreadable ({type(e).__name__}: {e})"
+    for rel, size in meta.get("files", {}).items():
+        path = posixpath.join(root, rel)
+        if not fs.exists(path):
+            return f"checkpoint {url}/{rel}: missing"
+        actual = fs.size(path)
+        if actual != size:
+            return f"checkpoint {url}/{rel}: {actual} bytes, expected {size} (truncated or overwritten)"
+    return None
 
 
-def _save_tokenizer(ckpt: Path, tok: Tokenizer, spec: str) -> None:
+def find_latest(ckpt_dir: str, report: bool = True) -> str | None:
+    """Newest complete checkpoint that passes `verify`; incomplete/corrupt ones are reported and skipped."""
+    complete, incomplete = list_checkpoints(ckpt_dir)
+    newest = _step_of(complete[-1]) if complete else -1
+    if report:
+        for url in incomplete:
+            if _step_of(url) > newest:
+                D.warn0(f"checkpoint {url} is incomplete (no {COMPLETE} marker): skipped")
+    for url in reversed(complete):
+        problem = verify(url)
+        if problem is None:
+            return url
+        if report:
+            D.warn0(f"{problem}: skipped, trying an older checkpoint")
+    return None
+
+
+def read_json(url: str, name: str) -> dict:
+    fs, root = _fs(url)
+    return json.loads(fs.cat_file(posixpath.join(root, name)))
+
+
+def read_config(url: str) -> str:
+    """The resolved config.yaml text stored in a checkpoint."""
+    fs, root = _fs(url)
+    path = posixpath.join(root, "config.yaml")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"checkpoint {url}: no config.yaml")
+    return fs.cat_file(path).decode()
+
+
+def read_rng(url: str, rank: int) -> dict | None:
+    """This rank's saved RNG state, or None if the checkpoint was written by fewer ranks."""
+    fs, root = _fs(url)
+    path = posixpath.join(root, "rng", f"rank_{rank}.pt")
+    if not fs.exists(path):
+        return None
+    return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+
+
+def _tokenizer_files(tok: Tokenizer, spec: str) -> dict[str, bytes]:
     info = {"spec": spec, "name": tok.name, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
             "definition": tok.definition()}
-    if spec not in BUILTIN_TOKENIZERS:
-        tok.save(ckpt / "tokenizer.bpe.json")  # the checkpoint must not depend on a file elsewhere
+    files = {}
+    if spec not in BUILTIN_TOKENIZERS:  # the checkpoint must not depend on a file elsewhere
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save(Path(tmp) / "tokenizer.bpe.json")
+            files["tokenizer.bpe.json"] = (Path(tmp) / "tokenizer.bpe.json").read_bytes()
         info["file"] = "tokenizer.bpe.json"
-    _write_text(ckpt / "tokenizer.json", json.dumps(info, indent=1))
+    files["tokenizer.json"] = json.dumps(info, indent=1).encode()
+    return files
 
 
-def load_checkpoint_tokenizer(path: str | os.PathLike) -> Tokenizer:
+def load_checkpoint_tokenizer(url: str) -> Tokenizer:
     """The tokenizer a checkpoint was trained with, checked against its recorded fingerprint."""
-    path = Path(path)
-    info = json.loads((path / "tokenizer.json").read_text())
-    tok = load_tokenizer(path / info["file"] if "file" in info else info["spec"])
+    info = read_json(url, "tokenizer.json")
+    if "file" in info:
+        import tempfile
+
+        fs, root = _fs(url)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / info["file"]
+            local.write_bytes(fs.cat_file(posixpath.join(root, info["file"])))
+            tok = load_tokenizer(local)
+    else:
+        tok = load_tokenizer(info["spec"])
     if tok.fingerprint() != info["fingerprint"]:
-        raise RuntimeError(f"checkpoint {path}: tokenizer {info['spec']!r} now has fingerprint {tok.fingerprint()}, "
+        raise RuntimeError(f"checkpoint {url}: tokenizer {info['spec']!r} now has fingerprint {tok.fingerprint()}, "
                            f"but the checkpoint was trained with {info['fingerprint']}")
     return tok
 
 
-def read_config(path: str | os.PathLike) -> str:
-    """The resolved config.yaml text stored in a checkpoint."""
-    p = Path(path) / "config.yaml"
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no config.yaml")
-    return p.read_text()
+def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model + optimizer in place (any sharding, collective) and return the run's small state.
+
+    Returns {"train_state", "rng" (this rank's, None if the writer had fewer ranks), "meta", "url"}.
+    """
+    state = sharded.model_optim_state(model, optimizer)
+    sharded.load(state, _url(url, "dcp"))
+    sharded.apply_model_optim_state(model, optimizer, state)
+    return {"train_state": read_json(url, "train_state.json"), "rng": read_rng(url, D.get_rank()),
+            "meta": read_json(url, "meta.json"), "url": url}
 
 
 class CheckpointManager:
-    """Saves and finds checkpoints in `<out_dir>/checkpoints`. Collective: call `save` on every rank."""
+    """Saves (sync or async) and prunes checkpoints under `ckpt_dir`. Collective: call on every rank."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, keep_last_k: int = 3) -> None:
-        self.dir = Path(ckpt_dir)
+    def __init__(self, ckpt_dir: str, keep_last_k: int = 3, async_save: bool = False) -> None:
+        self.dir = str(ckpt_dir)
         self.keep_last_k = keep_last_k
+        self.async_save = async_save
+        self.fs, self.root = _fs(self.dir)
+        # A gloo group of its own for the background writes: DCP's collectives (plan gather, metadata)
+        # then never interleave with the training's NCCL/gloo collectives on the default group.
+        self._group = dist.new_group(backend="gloo") if async_save and D.get_world_size() > 1 else None
+        self._pending: tuple[Future, Callable[[], None]] | None = None
 
-    def latest(self) -> Path | None:
+    def latest(self) -> str | None:
         return find_latest(self.dir)
 
-    def save(self, step: int, state: dict, config_yaml: str, tokenizer: Tokenizer, tokenizer_spec: str,
-             meta: dict | None = None) -> Path:
-        """Write checkpoint `step` atomically. `state` is rank 0's (model/optimizer/...); RNG is per rank."""
+    def save(self, step: int, model_optim: dict, train_state: dict, config_yaml: str, tokenizer: Tokenizer,
+             tokenizer_spec: str, meta: dict | None = None) -> str:
+        """Write checkpoint `step`. Returns its final URL (complete now, or once the async write finishes)."""
+        self.wait()  # at most one save in flight
         rank = D.get_rank()
-        final = self.dir / step_dir_name(step)
-        tmp = self.dir / (step_dir_name(step) + ".tmp")
+        name = step_dir_name(step)
+        tmp = posixpath.join(self.root, name + ".tmp")
         if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash while writing this same step: incomplete by construction
-                shutil.rmtree(tmp)
-            (tmp / "rng").mkdir(parents=True)
+            if self.fs.exists(tmp):  # left by a crash while writing this same step: incomplete by design
+                self.fs.rm(tmp, recursive=True)
+            self.fs.makedirs(posixpath.join(tmp, "rng"), exist_ok=True)
         D.barrier()  # the tmp dir exists before any rank writes into it
-        _save_torch(get_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
-        D.barrier()  # every rank's RNG file is on disk before rank 0 marks the checkpoint complete
+        t0 = time.perf_counter()
+        _write_bytes(self.fs, posixpath.join(tmp, "rng", f"rank_{rank}.pt"), _torch_bytes(get_rng_state()))
         if rank == 0:
-            t0 = time.time()
-            _save_torch(state, tmp / "state.pt")
-            _write_text(tmp / "config.yaml", config_yaml)
-            _save_tokenizer(tmp, tokenizer, tokenizer_spec)
-            info = {"step": step, "world_size": D.get_world_size(), "time": time.time(),
-                    "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()), **(meta or {})}
-            _write_text(tmp / "meta.json", json.dumps(info, indent=1))
-            _fsync_dir(tmp / "rng")
-            _write_text(tmp / COMPLETE, f"{step}\n")  # the marker goes last: its presence means all is there
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            self._prune(keep=final)
-            D.print0(f"checkpoint saved: {final} ({time.time() - t0:.1f}s)")
-        D.barrier()  # nobody races ahead (e.g. to exit) before the checkpoint is final
-        return final
+            files = {"train_state.json": json.dumps(train_state, indent=1).encode(), "config.yaml": config_yaml.encode(),
+                     **_tokenizer_files(tokenizer, tokenizer_spec)}
+            for rel, data in files.items():
+                _write_bytes(self.fs, posixpath.join(tmp, rel), data)
+        info = {"step": step, "world_size": D.get_world_size(), "time": time.time(), **(meta or {})}
+        fut = sharded.save(model_optim, _url(self.dir, name + ".tmp", "dcp"), process_group=self._group,
+                           asynchronous=self.async_save)
+        blocked = time.perf_counter() - t0
+        finalize = lambda: self._finalize(step, tmp, info, t0)  # noqa: E731
+        if fut is None:
+            D.barrier()  # every rank's shards and RNG file are written
+            if rank == 0:
+                finalize()
+            D.barrier()  # nobody races ahead (e.g. to exit or to prune) before the checkpoint is final
+        else:
+            self._pending = (fut, finalize)
+            D.print0(f"checkpoint step {step}: async save started (training blocked {blocked:.2f}s)")
+        self.last_blocking_s = blocked
+        return _url(self.dir, name)
 
-    def _prune(self, keep: Path) -> None:
-        """Delete the oldest complete checkpoints beyond keep_last_k; never the newest (just written)."""
-        if self.keep_last_k <= 0:
-            return
-        complete, _ = list_checkpoints(self.dir)
-        old = [p for p in complete if p != keep][: max(0, len(complete) - self.keep_last_k)]
-        for p in old:
-            # Remove the marker first: an interrupted delete must leave an *incomplete* dir, never a
-            # "complete" one with files missing.
-            (p / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(p, ignore_errors=True)
+    def poll(self) -> None:
+        """Finalise a finished async save (rank 0 renames + marks it); cheap, call once per step."""
+        if self._pending is not None and self._pending[0].done():
+            self._complete_pending()
+
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) is written and finalised."""
+        if self._pending is not None:
+            self._pending[0].result()
+            self._complete_pending()
+
+    def _complete_pending(self) -> None:
+        fut, finalize = self._pending
+        self._pending = None
+        fut.result()  # re-raises a failed background write
+        if D.get_rank() == 0:
+            finalize()
+
+    def _finalize(self, step: int, tmp: str, info: dict, t0: float) -> None:
+        """Rank 0: manifest -> meta.json -> rename -> COMPLETE marker -> prune."""
+        sizes = {}
+        for p in self.fs.find(tmp):
+            rel = posixpath.relpath(p, tmp)
+            sizes[rel] = self.fs.size(p)
+        _write_bytes(self.fs, posixpath.join(tmp, "meta.json"), json.dumps({**info, "files": sizes}, indent=1).encode())
+        final = posixpath.join(self.root, step_dir_name(step))
+        if self.fs.exists(final):  # re-saving a step (e.g. after resuming from it): replace the old copy
+            self.fs.rm(final, recursive=True)
+        self.fs.mv(tmp, final, recursive=True)
+        _write_bytes(self.fs, posixpath.join(final, COMPLETE), f"{step}\n".encode())
+        self._prune(step)
+        D.print0(f"checkpoint saved: {_url(self.dir, step_dir_name(step))} ({time.perf_counter() - t0:.1f}s)")
+
+    def _prune(self, newest: int) -> None:
+        """Delete complete checkpoints beyond the newest keep_last_k, and incomplete ones older than `newest`.
+
+        Never the newest complete one (just written); an incomplete directory is only removed once a newer
+        complete checkpoint covers it.
+        """
+        complete, incomplete = list_checkpoints(self.dir)
+        doomed = [u for u in incomplete if _step_of(u) < newest]
+        if self.keep_last_k > 0:
+            doomed += [u for u in complete if _step_of(u) != newest][: max(0, len(complete) - self.keep_last_k)]
+        for url in doomed:
+            _, path = _fs(url)
+            marker = posixpath.join(path, COMPLETE)
+            if self.fs.exists(marker):  # marker first: an interrupted delete leaves an *incomplete* dir
+                self.fs.rm(marker)
+            self.fs.rm(path, recursive=True)

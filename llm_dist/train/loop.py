@@ -35,6 +35,7 @@ def fit(
     logger: MetricsLogger,
     throughput: Throughput,
     save_checkpoint: Callable[[], None] | None = None,
+    poll: Callable[[], None] | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
     sample: Callable[[], str] | None = None,
     seq_len: int = 0,
@@ -43,7 +44,8 @@ def fit(
     """Train until `train.max_steps` (or `stop_at`, or a signal). Returns "finished" or "stopped".
 
     `save_checkpoint()` writes a checkpoint of the current state (collective); `evaluate()` returns
-    metrics such as {"val/loss": ...}; `sample()` returns text to print.
+    metrics such as {"val/loss": ...}; `sample()` returns text to print; `poll()` runs after every step
+    (it finalises a finished background checkpoint write).
     """
     cfg = trainer.cfg
     t, ev = cfg.train, cfg.eval
@@ -57,6 +59,8 @@ def fit(
                 data.set_global_batch(batch_size_at(trainer.state.tokens_seen, t, seq_len, quantum))
             metrics = trainer.train_step(data.next_batch())
             step = trainer.state.step
+            if poll is not None:
+                poll()
             throughput.step(metrics.pop("tokens"))
             done = step >= t.max_steps
             stopping = trainer.should_stop() or (stop_at is not None and step >= stop_at)

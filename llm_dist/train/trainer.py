@@ -2,10 +2,12 @@
 
 A step takes this rank's micro-batches of one global batch and
   1. counts the target tokens of the *whole* global batch (one all-reduce, before any forward),
-  2. runs forward/backward per micro-batch with DDP's gradient sync skipped on all but the last,
-     each micro-batch's summed loss scaled by world_size / global_target_tokens, so the gradient is
-     exactly d(mean loss over every target token in the global batch) however the batch is split,
-  3. unscales (fp16), clips the global gradient norm, sets the scheduled lr and steps AdamW.
+  2. runs forward/backward per micro-batch with gradient sync (DDP all-reduce, FSDP reduce-scatter)
+     skipped on all but the last, each micro-batch's summed loss scaled by
+     world_size / global_target_tokens, so the gradient is exactly d(mean loss over every target token in
+     the global batch) however the batch is split over ranks and micro-batches,
+  3. checks loss and gradient norm are finite (else skips the update or halts, `train.nonfinite`),
+     unscales (fp16), clips the global gradient norm (sharded-aware), sets the scheduled lr, steps AdamW.
 Stages plug in their loss with `loss_fn(model, batch) -> (sum of per-token losses, number of targets)`.
 """
 
@@ -20,12 +22,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.tensor import DTensor
 
 from llm_dist import distributed as D
 from llm_dist.config import Config
 from llm_dist.distributed import Runtime
-from llm_dist.train.optim import build_optimizer, lr_at
+from llm_dist.model.moe import moe_aux_loss
+from llm_dist.model.scratch import cross_entropy_for
+from llm_dist.parallel import ParallelModel
+from llm_dist.train.optim import build_optimizer, clip_grad_norm, lr_at
 
 IGNORE_INDEX = -100  # targets with this id carry no loss (padding, prompt tokens in SFT)
 
@@ -34,12 +39,23 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over targets != IGNORE_INDEX, and the number of such targets."""
+    """Next-token cross-entropy summed over targets != IGNORE_INDEX, and the number of such targets.
+
+    MoE models (training mode only) add their auxiliary loss `aux` (load balance + z-loss, already
+    weighted by its coefficients) as aux * n, n = this micro-batch's targets. The trainer divides the
+    summed loss by the global target count N, so the objective becomes mean CE + sum_mb (n_mb / N) * aux_mb:
+    each micro-batch's aux loss weighted like its tokens, which is aux itself when there is one micro-batch.
+    """
     x, y = batch[0], batch[1]  # (B, T), (B, T)
     logits = model(x)  # (B, T, V_padded)
     # fp32 log-softmax: bf16 logits lose ~3 significant digits, which shows up directly in the loss.
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (y != IGNORE_INDEX).sum()
+    ce = cross_entropy_for(model)  # F.cross_entropy, or the hand-written one under model.ops=scratch
+    loss = ce(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    n = (y != IGNORE_INDEX).sum()
+    aux = moe_aux_loss(model) if model.training else None
+    if aux is not None:
+        loss = loss + aux * n
+    return loss, n
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -53,9 +69,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class TrainState:
     """Counters that resume with the run."""
 
-    step: int = 0  # optimizer steps completed
+    step: int = 0  # optimizer steps completed (skipped non-finite steps count: their data was consumed)
     tokens_seen: int = 0  # input tokens consumed by all ranks
     target_tokens_seen: int = 0  # tokens that carried loss, all ranks
+    skipped_steps: int = 0  # steps whose update was dropped because loss or gradients were not finite
+    consecutive_skips: int = 0  # current run of skipped steps (halts at train.max_skipped_steps)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a NaN/Inf loss or gradient (the last good checkpoint is left untouched)."""
 
 
 class StopRequest:
@@ -87,12 +109,14 @@ class StopRequest:
 
 
 class Trainer:
-    """Model (+ DDP / compile wrappers), optimizer, grad scaler and counters, with `train_step`."""
+    """Model (as built by `build_parallel_model`), optimizer, grad scaler and counters, with `train_step`."""
 
-    def __init__(self, cfg: Config, rt: Runtime, model: nn.Module, loss_fn: LossFn = causal_lm_loss) -> None:
-        self.cfg, self.rt, self.loss_fn = cfg, rt, loss_fn
-        self.raw_model = model  # unwrapped: state dicts come from here, free of `module.`/`_orig_mod.`
-        self.amp_dtype = resolve_dtype(cfg.train.dtype, rt.device)
+    def __init__(self, cfg: Config, rt: Runtime, pm: ParallelModel, loss_fn: LossFn = causal_lm_loss,
+                 amp_dtype: torch.dtype | None = None) -> None:
+        self.cfg, self.rt, self.pm, self.loss_fn = cfg, rt, pm, loss_fn
+        self.raw_model = pm.model  # bare model: generation, and (under FSDP) also the training module
+        self.model = pm.module  # what forward/backward run through (DDP wrapper, FSDP module, or bare)
+        self.amp_dtype = amp_dtype if amp_dtype is not None else resolve_dtype(cfg.train.dtype, rt.device)
         if rt.device.type == "cuda":
             # TF32 matmuls: ~8x the fp32 throughput on Ampere+ at a precision that does not hurt training.
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -101,14 +125,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=False)
         if cfg.train.detect_anomaly:
             torch.autograd.set_detect_anomaly(True)
-        self.forward_model = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
-        self.ddp = rt.world_size > 1
-        self.model: nn.Module = (
-            DDP(self.forward_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                bucket_cap_mb=cfg.parallel.ddp_bucket_mb)
-            if self.ddp else self.forward_model
-        )
-        self.optimizer = build_optimizer(model, cfg.optim, rt.device)
+        self.optimizer = build_optimizer(pm.model, cfg.optim, rt.device)
         # fp16 needs loss scaling (its 5-bit exponent underflows small gradients); bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(rt.device.type) if self.amp_dtype == torch.float16 else None
         self.state = TrainState()
@@ -117,12 +134,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- step
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype == torch.float32:
+        # Under FSDP the mixed-precision policy casts the gathered parameters instead.
+        if self.amp_dtype == torch.float32 or self.pm.sharded:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.rt.device.type, dtype=self.amp_dtype)
 
     def lr(self) -> float:
         return lr_at(self.state.step, self.cfg.optim, self.cfg.train.max_steps)
+
+    def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Gradient communication only on the last micro-batch: locally accumulated until then."""
+        if self.pm.strategy == "ddp" and not enabled:
+            return self.model.no_sync()
+        if self.pm.sharded:
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches. Returns metrics (global, synchronised)."""
@@ -135,17 +161,14 @@ class Trainer:
         counts = torch.cat([torch.stack(local).sum(0).to(dev, torch.float64),
                             torch.tensor([float(self.stop.signum is not None)], dtype=torch.float64, device=dev)])
         D.all_reduce_sum(counts)
-        n_global, tokens, stop_votes = (int(v) for v in counts.tolist())  # the step's one host sync
+        n_global, tokens, stop_votes = (int(v) for v in counts.tolist())  # the step's first host sync
         if n_global == 0:
             raise RuntimeError(f"step {self.state.step}: the global batch has no target tokens")
-        scale = self.rt.world_size / n_global  # DDP averages gradients over ranks; undo that into a sum
+        scale = self.rt.world_size / n_global  # DDP/FSDP average gradients over ranks; undo that into a sum
 
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # Skip DDP's all-reduce on all but the last micro-batch: gradients accumulate locally.
-            sync = contextlib.nullcontext() if (last or not self.ddp) else self.model.no_sync()
-            with sync:
+            with self._grad_sync(i == len(micro_batches) - 1):
                 with self.autocast():
                     mb_loss, _ = self.loss_fn(self.model, mb)
                 loss = mb_loss * scale
@@ -155,28 +178,65 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip, foreach=True)
+        grad_norm = clip_grad_norm(self.raw_model, clip)  # torch's, or the hand-written one (model.ops=scratch)
+        if isinstance(grad_norm, DTensor):  # sharded grads: the norm over every shard of every rank
+            grad_norm = grad_norm.full_tensor()
+        D.all_reduce_sum(loss_sum)
+        loss_val, norm_val = (float(v) for v in torch.stack([loss_sum, grad_norm.float()]).tolist())
+        loss_val /= n_global
         lr = self.lr()
+        # Only the all-reduced vote decides: a signal that lands after this step's all-reduce is counted
+        # in the next step's, so every rank stops after the same step.
+        self.stop_agreed = stop_votes > 0
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        self.state.target_tokens_seen += n_global
+        metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens}
+        if hasattr(self.raw_model, "extra_metrics"):  # MoE routing statistics of this rank's last micro-batch
+            metrics.update(self.raw_model.extra_metrics())
+
+        # With fp16 an inf gradient norm at a finite loss is the loss scale overflowing: GradScaler skips
+        # that step and lowers the scale itself, so it is not a fault.
+        if not math.isfinite(loss_val) or (not math.isfinite(norm_val) and self.scaler is None):
+            self._on_nonfinite(loss_val)  # raises NonFiniteError when halting
+            return {**metrics, "skipped": 1}
+        self.state.consecutive_skips = 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler:
-            self.scaler.step(self.optimizer)  # skips the step if any gradient is inf/nan
+            self.scaler.step(self.optimizer)  # skips the step itself if any gradient is inf/nan
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return metrics
 
-        D.all_reduce_sum(loss_sum)
-        loss = loss_sum.item() / n_global
-        if self.cfg.train.detect_anomaly and not math.isfinite(loss):
-            raise FloatingPointError(f"step {self.state.step}: loss is {loss} (train.detect_anomaly)")
-        self.state.step += 1
-        self.state.tokens_seen += tokens
-        self.state.target_tokens_seen += n_global
-        # Only the all-reduced vote decides: a signal that lands after this step's all-reduce is counted
-        # in the next step's, so every rank stops after the same step.
-        self.stop_agreed = stop_votes > 0
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
+    def nonfinite_grads(self) -> list[str]:
+        """Names of parameters whose gradient has a NaN/Inf on any rank (collective; failure path only)."""
+        named = [(n, p) for n, p in self.raw_model.named_parameters() if p.grad is not None]
+        flags = torch.tensor([0.0 if torch.isfinite(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).all()
+                              else 1.0 for _, p in named], device=self.rt.device)
+        D.all_reduce_sum(flags)
+        return [n.replace("._checkpoint_wrapped_module", "") for (n, _), f in zip(named, flags.tolist()) if f > 0]
+
+    def _on_nonfinite(self, loss: float) -> None:
+        """Drop this step's update; say which tensor; halt per `train.nonfinite` / `max_skipped_steps`."""
+        bad = self.nonfinite_grads()
+        what = f"loss is {loss}" if not math.isfinite(loss) else "loss is finite"
+        where = f"non-finite gradients in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}" if bad else \
+            "all gradients finite"
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:  # close the unscale_ of this step (and back the scale off if grads overflowed)
+            self.scaler.update()
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        msg = f"step {self.state.step}: {what}; {where}"
+        t = self.cfg.train
+        if t.nonfinite == "halt" or self.state.consecutive_skips >= t.max_skipped_steps:
+            reason = "train.nonfinite=halt" if t.nonfinite == "halt" else \
+                f"{self.state.consecutive_skips} non-finite steps in a row (train.max_skipped_steps)"
+            raise NonFiniteError(f"{msg}. Halting ({reason}); the last checkpoint is the last good state.")
+        D.warn0(f"{msg}. Update skipped ({self.state.consecutive_skips} in a row, {self.state.skipped_steps} in all).")
 
     def should_stop(self) -> bool:
         """True when any rank had been signalled before the last step's all-reduce (same on every rank)."""
@@ -186,30 +246,31 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Sequence[Batch]]) -> float:
         """Mean loss over every target token of the given global batches (this rank's parts), all ranks."""
-        self.forward_model.eval()
+        module = self.raw_model  # no DDP hooks needed for a forward; under FSDP this is the sharded module
+        module.eval()
         totals = torch.zeros(2, device=self.rt.device, dtype=torch.float64)
         for micro_batches in batches:
             for mb in micro_batches:
                 with self.autocast():
-                    loss, n = self.loss_fn(self.forward_model, mb)
+                    loss, n = self.loss_fn(module, mb)
                 totals[0] += loss.double()
                 totals[1] += n
         D.all_reduce_sum(totals)
-        self.forward_model.train()
+        module.train()
         return (totals[0] / totals[1].clamp(min=1)).item()
 
     # --------------------------------------------------------------------------------------- resuming
-    def state_dict(self) -> dict:
-        return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-            "train": asdict(self.state),
-        }
+    def model_optim_state(self) -> dict:
+        """Model + optimizer state for DCP (sharded under FSDP, bare parameter names)."""
+        from llm_dist.checkpoint.sharded import model_optim_state
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.raw_model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        return model_optim_state(self.raw_model, self.optimizer)
+
+    def train_state(self) -> dict:
+        """The small JSON-able part: counters and the grad scaler."""
+        return {"trainer": asdict(self.state), "scaler": self.scaler.state_dict() if self.scaler else {}}
+
+    def load_train_state(self, sd: dict) -> None:
+        self.state = TrainState(**sd["trainer"])
         if self.scaler and sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
-        self.state = TrainState(**sd["train"])

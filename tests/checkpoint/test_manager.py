@@ -1,7 +1,9 @@
-"""Atomic checkpoints: completeness marker, pruning, corrupt files, RNG round trip."""
+"""Sharded checkpoints in one process: round trip, crash safety, pruning, async, fsspec URLs, safe loading."""
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
 from pathlib import Path
 
@@ -9,61 +11,139 @@ import numpy as np
 import pytest
 import torch
 
-from llm_dist.checkpoint import (CheckpointManager, find_latest, get_rng_state, load_checkpoint,
-                                 load_checkpoint_tokenizer, set_rng_state)
+from llm_dist.checkpoint import (CheckpointManager, find_latest, get_rng_state, list_checkpoints, load_checkpoint,
+                                 load_checkpoint_tokenizer, set_rng_state, verify)
+from llm_dist.checkpoint import sharded
+from llm_dist.config import ModelConfig
+from llm_dist.model.transformer import build_model
 from llm_dist.tokenizer import ByteTokenizer
 
 
-def _save(mgr: CheckpointManager, step: int, value: float = 0.0) -> Path:
-    return mgr.save(step, {"w": torch.full((3,), value), "step": step}, "out_dir: x\n", ByteTokenizer(), "byte")
+def _model_opt(seed: int):
+    model = build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=16), "cpu", seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
 
 
-def test_save_load_round_trip(tmp_path: Path) -> None:
-    mgr = CheckpointManager(tmp_path / "ck", keep_last_k=0)
-    path = _save(mgr, 7, 1.5)
-    assert path.name == "step_00000007" and (path / "COMPLETE").is_file() and not list(tmp_path.glob("ck/*.tmp"))
-    ck = load_checkpoint(path)
-    assert ck["state"]["step"] == 7 and torch.equal(ck["state"]["w"], torch.full((3,), 1.5))
-    assert ck["meta"]["step"] == 7 and "state.pt" in ck["meta"]["files"] and ck["rng"] is not None
-    assert load_checkpoint_tokenizer(path).fingerprint() == ByteTokenizer().fingerprint()
-    assert (path / "config.yaml").read_text() == "out_dir: x\n"
+def _save(mgr: CheckpointManager, step: int, model, opt) -> str:
+    return mgr.save(step, sharded.model_optim_state(model, opt), {"trainer": {"step": step}, "loader": {"index": step}},
+                    "out_dir: x\n", ByteTokenizer(), "byte")
 
 
-def test_incomplete_checkpoints_are_skipped_and_refused(tmp_path: Path, capsys) -> None:
-    mgr = CheckpointManager(tmp_path, keep_last_k=0)
-    _save(mgr, 1)
-    good = _save(mgr, 2)
-    # A crash mid-write leaves a .tmp dir, and a dir whose marker never got written.
-    (tmp_path / "step_00000003.tmp").mkdir()
-    crashed = tmp_path / "step_00000004"
+def test_round_trip_restores_model_optimizer_and_state(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    url = _save(CheckpointManager(str(tmp_path)), 7, model, opt)
+    assert Path(url).name == "step_00000007" and (Path(url) / "COMPLETE").is_file()
+    assert verify(url) is None and not list(tmp_path.glob("*.tmp"))
+    model2, opt2 = _model_opt(1)
+    ck = load_checkpoint(url, model2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert model2.lm_head.weight is model2.tok_emb.weight  # tying survives the load
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
+    assert ck["train_state"] == {"trainer": {"step": 7}, "loader": {"index": 7}}
+    assert ck["meta"]["step"] == 7 and "dcp/.metadata" in ck["meta"]["files"] and ck["rng"] is not None
+    assert load_checkpoint_tokenizer(url).fingerprint() == ByteTokenizer().fingerprint()
+
+
+def test_incomplete_and_truncated_checkpoints_are_skipped(tmp_path: Path, capsys) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path), keep_last_k=0)
+    good = _save(mgr, 1, model, opt)
+    newer = _save(mgr, 2, model, opt)
+    (tmp_path / "step_00000003.tmp").mkdir()  # a crash mid-write
+    crashed = tmp_path / "step_00000004"  # renamed but the marker never written
     crashed.mkdir()
-    (crashed / "state.pt").write_bytes(b"partial")
-    assert find_latest(tmp_path) == good
+    assert find_latest(str(tmp_path)) == newer
     assert "step_00000004 is incomplete" in capsys.readouterr().err
-    with pytest.raises(RuntimeError, match="incomplete"):
-        load_checkpoint(crashed)
-    # Saving that step again replaces the leftover.
-    _save(mgr, 3)
-    assert find_latest(tmp_path).name == "step_00000003" and not (tmp_path / "step_00000003.tmp").exists()
+    # Truncate one shard of the newest complete checkpoint: reported by name, the older one is used.
+    shard = next((Path(newer) / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert "expected" in verify(newer) and shard.name in verify(newer)
+    assert find_latest(str(tmp_path)) == good
+    assert f"{shard.name}: 100 bytes" in capsys.readouterr().err
 
 
-def test_corrupt_state_names_the_file(tmp_path: Path) -> None:
-    path = _save(CheckpointManager(tmp_path), 5)
-    data = (path / "state.pt").read_bytes()
-    (path / "state.pt").write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(RuntimeError, match=r"step_00000005/state.pt: cannot be read"):
-        load_checkpoint(path)
+def test_crash_during_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path), keep_last_k=1)
+    first = _save(mgr, 10, model, opt)
+    before = {p: p.read_bytes() for p in Path(first).rglob("*") if p.is_file()}
+
+    def dies(state, path, **kw):  # the process "dies" after writing part of the shards
+        Path(path).mkdir(parents=True)
+        (Path(path) / "__0_0.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(sharded, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _save(mgr, 20, model, opt)
+    monkeypatch.undo()
+    assert find_latest(str(tmp_path)) == first
+    assert {p: p.read_bytes() for p in Path(first).rglob("*") if p.is_file()} == before  # untouched
+    assert (tmp_path / "step_00000020.tmp").is_dir()
+    # The next successful save of that step replaces the leftover, and keep_last_k=1 never left us empty.
+    assert Path(_save(mgr, 20, model, opt)).name == "step_00000020"
+    assert [Path(u).name for u in list_checkpoints(str(tmp_path))[0]] == ["step_00000020"]
 
 
-def test_keep_last_k(tmp_path: Path) -> None:
-    mgr = CheckpointManager(tmp_path, keep_last_k=2)
-    for s in (10, 20, 30, 40):
-        _save(mgr, s)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000030", "step_00000040"]
-    one = CheckpointManager(tmp_path / "one", keep_last_k=1)
-    _save(one, 1)
-    _save(one, 2)
-    assert [p.name for p in (tmp_path / "one").iterdir()] == ["step_00000002"]
+def test_keep_last_k_and_covered_incomplete_dirs(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path), keep_last_k=2)
+    _save(mgr, 10, model, opt)
+    (tmp_path / "step_00000015.tmp").mkdir()  # older than the next complete one: covered, removed
+    for s in (20, 30):
+        _save(mgr, s, model, opt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+
+
+def test_async_save_finalises_in_the_background(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path), async_save=True)
+    url = _save(mgr, 5, model, opt)
+    # Training goes on (params change) while the staged copy is written.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    mgr.wait()
+    assert verify(url) is None
+    fresh, fresh_opt = _model_opt(0)  # same seed, same single step: the state that was saved
+    model2, opt2 = _model_opt(3)
+    load_checkpoint(url, model2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model2.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    mgr.save(6, sharded.model_optim_state(model, opt), {}, "x: 1\n", ByteTokenizer(), "byte")
+    mgr.wait()
+    assert [Path(u).name for u in list_checkpoints(str(tmp_path))[0]] == ["step_00000005", "step_00000006"]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_fsspec_urls(tmp_path: Path, scheme: str) -> None:
+    model, opt = _model_opt(0)
+    root = f"file://{tmp_path}/ck" if scheme == "file" else "memory://llm_dist_test/ck"
+    url = _save(CheckpointManager(root), 3, model, opt)
+    assert url.startswith(f"{scheme}://") and find_latest(root) == url
+    model2, opt2 = _model_opt(1)
+    load_checkpoint(url, model2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_tampered_metadata_is_refused_not_executed(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    url = _save(CheckpointManager(str(tmp_path)), 1, model, opt)
+    (Path(url) / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    model2, opt2 = _model_opt(1)
+    with pytest.raises(sharded.CheckpointReadError, match=r"step_00000001/dcp: cannot be read .*system, which is not allowed"):
+        load_checkpoint(url, model2, opt2)
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path: Path) -> None:

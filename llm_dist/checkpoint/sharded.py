@@ -1,0 +1,133 @@
+"""Model and optimizer state through `torch.distributed.checkpoint` (DCP), loaded without unpickling.
+
+DCP writes each rank's shards in parallel with a global `.metadata` index, and reads them back for *any*
+sharding: a checkpoint written by 2 FSDP ranks loads on 1 process, 3 ranks, or under DDP. State dicts come
+from `get_state_dict` / go through `set_state_dict`, so parameter names are the bare model's (no `module.`,
+`_orig_mod.` or activation-checkpoint prefixes) whatever wrappers are around it.
+
+Safety: stock DCP reads `.metadata` with `pickle.load` and non-tensor values (the optimizer's
+hyper-parameters) with `torch.load(weights_only=False)`. Here the metadata goes through an unpickler that
+only admits DCP's own metadata classes and plain containers, and values through `weights_only=True`, so a
+tampered checkpoint cannot run code on load. Storage goes through fsspec (local paths, `file://`, and any
+fsspec URL such as `s3://` when its filesystem package is installed).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+try:  # torch >= 2.11 keeps them here; some releases also re-export them at the package level
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+except ImportError:  # pragma: no cover
+    from torch.distributed.checkpoint import FsspecReader, FsspecWriter  # type: ignore[attr-defined]
+
+# Modules whose classes may appear in DCP's .metadata pickle (dataclasses describing tensors and files).
+_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+_SAFE_BUILTINS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str",
+                                            "bytes", "bool", "complex", "slice", "getattr")}
+_SAFE_OTHER = {("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP metadata dataclasses, torch dtypes/layouts/Size and builtin containers; nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_BUILTINS | _SAFE_OTHER:
+            return super().find_class(module, name)
+        if module == "torch" and (name.startswith(("float", "bfloat", "int", "uint", "bool", "complex"))
+                                  or name in ("strided", "sparse_coo", "contiguous_format", "preserve_format")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeReader(FsspecReader):
+    """FsspecReader whose metadata is read with the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - returns dcp Metadata
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that deserialises non-tensor values with `weights_only=True`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} keyed by bare parameter names; DTensors stay sharded (no gather)."""
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def apply_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | None = None,
+         asynchronous: bool = False) -> Future | None:
+    """Write `state` under `path` (collective). Async: stage to CPU now, write in a background thread."""
+    writer = FsspecWriter(path)
+    if asynchronous:
+        fut = dcp.async_save(state, storage_writer=writer, process_group=process_group)
+        return getattr(fut, "upload_completion", fut)  # newer torch returns a response object
+    dcp.save(state, storage_writer=writer, process_group=process_group)
+    return None
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read; the message names it and the first failure, in one line."""
+
+
+def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
+    """Fill `state` (a template with the right keys, shapes and shardings) in place from `path`.
+
+    DCP raises the same `CheckpointException` on every rank when any rank fails (it derives from
+    BaseException); it becomes one `CheckpointReadError` so callers can fall back consistently.
+    """
+    try:
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
+    except CheckpointException as e:
+        first = next(iter(e.failures.values()))[0]
+        detail = " ".join(str(first).split())[:300]
+        raise CheckpointReadError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})") from None
+
+
+def load_model_weights(model: nn.Module, path: str) -> None:
+    """Load only the model part of a checkpoint into an unsharded model (one process, no optimizer)."""
+    sd = {"model": model.state_dict()}
+    load(sd, path, partial=True)
+    model.load_state_dict(sd["model"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copy of the model's state (collective under FSDP)."""
+    return get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
