@@ -1,11 +1,23 @@
-"""Causal multi-head self-attention with grouped key/value heads (MHA, GQA, MQA) and an optional KV cache.
+"""Causal self-attention: grouped key/value heads (MHA, GQA, MQA), sliding windows, attention sinks, KV caches.
 
-Two interchangeable implementations, picked by `cfg.attn_impl`:
+Which keys a query may see is a function of absolute positions only:
 
-* `sdpa`   -- `F.scaled_dot_product_attention`, which dispatches to FlashAttention / memory-efficient
-              kernels on CUDA and a fused kernel on CPU. Grouped K/V heads go in as they are with
-              `enable_gqa=True`, so the repeated K/V are never materialised.
-* `manual` -- the reference: explicit QK^T, causal mask, softmax, dropout, @V. Tests hold `sdpa` equal to it.
+    allowed(q, k) = 0 <= k <= q  and  (window == 0  or  q - k < window  or  k < sinks)
+
+`window` is the number of most recent positions a query sees (itself included); `sinks` keeps the first
+positions visible to everyone (StreamingLLM, Xiao et al. 2023: the first tokens soak up attention mass,
+so dropping them from a sliding window hurts). A position of -1 marks a padding slot (left padding in
+batched generation, or an empty cache slot): it is never visible. Layers may differ (`model.attn.pattern`,
+e.g. local/global alternation); the positions are shared, so `AttnMeta` builds each distinct mask once.
+
+Implementations (picked by `cfg.attn_impl`):
+
+* `sdpa`   -- `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA, fused on CPU),
+              with `is_causal=True` and no mask tensor whenever plain causal attention is what is asked;
+              grouped K/V heads go in as they are with `enable_gqa=True`. A sliding window without a cache
+              runs `local_attention`, which only computes the (T, 2*window + sinks) band, not (T, T).
+* `manual` -- the reference: explicit QK^T, the boolean mask above, softmax, dropout, @V. Tests hold the
+              fast paths equal to it.
 
 Query head h reads K/V head h // (n_head / n_kv_head): the `repeat_interleave` grouping that
 `enable_gqa` uses and that Llama checkpoints assume.
@@ -14,17 +26,20 @@ Query head h reads K/V head h // (n_head / n_kv_head): the `repeat_interleave` g
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm_dist.config import ModelConfig
-from llm_dist.model.layers import _init_linear, apply_rope, upcast
+from llm_dist.config import ModelConfig, layer_kinds
+from llm_dist.model.layers import _init_linear, apply_rope, make_linear, upcast
 
-if TYPE_CHECKING:  # generate.py imports the model; only the type is needed here
-    from llm_dist.model.generate import KVCache
+if TYPE_CHECKING:  # the caches import nothing from here; only the type is needed
+    from llm_dist.model.kv_cache import KVCache, RollingKVCache
+
+SoftmaxFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -39,27 +54,87 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None
     return k_pos <= q_pos  # (Tq, Tk)
 
 
-def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Reference causal attention. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H a multiple of Hkv.
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0, sinks: int = 0) -> torch.Tensor:
+    """Boolean mask (Bm, 1, Tq, Tk), True where allowed, from absolute positions q_pos (Bm, Tq), k_pos (Bm, Tk).
 
+    Bm is the batch or 1 (positions shared by every row). Position -1 = padding / empty slot.
+    """
+    q = q_pos[:, None, :, None]  # (Bm, 1, Tq, 1)
+    k = k_pos[:, None, None, :]  # (Bm, 1, 1, Tk)
+    allowed = (k >= 0) & (k <= q)
+    if window:
+        allowed &= (q - k < window) | (k < sinks)
+    # A padding query sees no key at all; its softmax would be 0/0 = NaN, and NaN values poison real
+    # queries through 0 * NaN in P @ V at the next layer. Let such rows see everything: finite, ignored.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+@dataclass
+class AttnMeta:
+    """Positions of one forward pass, shared by every layer; builds each (window, sinks) mask once.
+
+    q_pos: (Bm, T) positions of this chunk's tokens; k_pos: (Bm, Tk) positions of the keys attention sees
+    (the cache's slots then this chunk; `None` = the keys are this chunk). `plain` means no padding and
+    the keys are exactly positions 0..Tk-1 in order, so full causal attention needs no mask tensor.
+    rope: (cos, sin) for q_pos, each (T, D/2) or (Bm, 1, T, D/2); None without RoPE.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor | None = None
+    plain: bool = True
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int, sinks: int) -> torch.Tensor | None:
+        """The boolean mask for a layer with this window/sinks, or None when plain causal attention is exact."""
+        k_pos = self.q_pos if self.k_pos is None else self.k_pos
+        if self.plain and (window == 0 or window >= k_pos.shape[-1]):
+            return None
+        key = (window, sinks)
+        if key not in self._masks:
+            self._masks[key] = attention_mask(self.q_pos, k_pos, window, sinks)
+        return self._masks[key]
+
+
+def manual_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    mask: torch.Tensor | None = None,
+    softmax: SoftmaxFn | None = None,
+) -> torch.Tensor:
+    """Reference attention. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H a multiple of Hkv.
+
+    mask: boolean, broadcastable to (B, 1, Tq, Tk), True = allowed; None = bottom-right causal.
     Grouped heads are handled by viewing the H query heads as (Hkv, H/Hkv) rather than copying K/V.
     Scores and softmax run in float32: bf16 logits of a few hundred keys lose enough precision to
-    change the argmax of the attention distribution.
+    change the argmax of the attention distribution. `softmax(x, dim)` defaults to `F.softmax`
+    (`model.ops=scratch` passes the hand-written one).
     """
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     qg = q.view(B, Hkv, H // Hkv, Tq, D)  # (B, Hkv, G, Tq, D)
     scores = (upcast(qg) @ upcast(k).unsqueeze(2).transpose(-2, -1)) / math.sqrt(D)  # (B, Hkv, G, Tq, Tk)
-    scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
-    probs = F.dropout(F.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
+    if mask is None:
+        mask = causal_mask(Tq, Tk, q.device)  # (Tq, Tk)
+    else:
+        mask = mask.unsqueeze(2)  # (Bm, 1, 1, Tq, Tk): broadcast over kv heads and groups
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = (softmax or F.softmax)(scores, -1)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     out = probs.type_as(v) @ v.unsqueeze(2)  # (B, Hkv, G, Tq, D)
     return out.reshape(B, H, Tq, D)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention through `F.scaled_dot_product_attention`; shapes as in `manual_attention`."""
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention through `F.scaled_dot_product_attention`; shapes and `mask` as in `manual_attention`."""
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     if Tq == Tk:  # no cached prefix: the plain causal case, which the flash kernels handle natively
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if Tq == 1:  # one new token after a cached prefix: it may see every key, so no mask at all
@@ -67,6 +142,50 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p:
     # A chunk after a cached prefix: needs the bottom-right aligned mask explicitly.
     mask = causal_mask(Tq, Tk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int = 0, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Sliding-window (+ sinks) causal attention over positions 0..T-1 in O(T * (2W + S)) instead of O(T^2).
+
+    q: (B, H, T, D); k, v: (B, Hkv, T, D). The queries are cut into chunks of W = window; the keys a
+    chunk can see lie in that chunk and the one before it (2W keys), plus the S sink keys, which are
+    shared by every chunk. Each chunk then is one small masked SDPA, all chunks in one batched call.
+    A sink key that also lies inside the two-chunk band is masked in the sink copy, so it counts once.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    W, S = window, min(sinks, T)
+    n = math.ceil(T / W)
+    pad = n * W - T
+    qc = F.pad(q, (0, 0, 0, pad)).view(B, H, n, W, D).transpose(1, 2)  # (B, n, H, W, D)
+
+    def band(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, T, D) -> (B, n, Hkv, 2W, D): previous + own chunk
+        xp = F.pad(x, (0, 0, W, pad))  # (B, Hkv, W + nW, D): one chunk of zeros in front
+        return xp.unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3)  # unfold -> (B, Hkv, n, D, 2W)
+
+    kc, vc = band(k), band(v)
+    dev = q.device
+    q_pos = torch.arange(n * W, device=dev).view(n, W)  # (n, W)
+    k_pos = (torch.arange(n, device=dev) * W - W)[:, None] + torch.arange(2 * W, device=dev)  # (n, 2W)
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp >= 0) & (kp <= qp) & (qp - kp < W)  # (n, W, 2W)
+    if S:
+        s_pos = torch.arange(S, device=dev)[None, None, :]  # (1, 1, S)
+        in_band = s_pos >= k_pos[:, :1, None]  # (n, 1, S): the sink is also one of this chunk's band keys
+        sink_mask = (s_pos <= qp) & ~((qp - s_pos < W) & in_band)  # (n, W, S)
+        mask = torch.cat([sink_mask, mask], dim=-1)  # (n, W, S + 2W)
+        ks = k[:, :, :S].unsqueeze(1).expand(B, n, Hkv, S, D)
+        vs = v[:, :, :S].unsqueeze(1).expand(B, n, Hkv, S, D)
+        kc, vc = torch.cat([ks, kc], dim=3), torch.cat([vs, vc], dim=3)  # (B, n, Hkv, S + 2W, D)
+    mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows past T: finite garbage, sliced off below
+    Bn = B * n
+    y = F.scaled_dot_product_attention(
+        qc.reshape(Bn, H, W, D), kc.reshape(Bn, Hkv, -1, D), vc.reshape(Bn, Hkv, -1, D),
+        attn_mask=mask.unsqueeze(1).repeat(B, 1, 1, 1), dropout_p=dropout_p, enable_gqa=H != Hkv,
+    )  # (B*n, H, W, D)
+    return y.view(B, n, H, W, D).transpose(1, 2).reshape(B, H, n * W, D)[:, :, :T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,33 +202,48 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
-        self.impl = cfg.attn_impl
+        self.scratch = cfg.ops == "scratch"
+        # The hand-written ops have no fused kernel: the scratch model always takes the reference path.
+        self.impl = "manual" if self.scratch else cfg.attn_impl
+        local = layer_kinds(cfg)[layer_idx] == "local"
+        self.window = cfg.attn.window if local else 0
+        self.sinks = cfg.attn.sinks if local else 0
         C, D = cfg.n_embd, self.head_dim
-        self.wq = nn.Linear(C, self.n_head * D, bias=cfg.bias)
-        self.wk = nn.Linear(C, self.n_kv_head * D, bias=cfg.bias)
-        self.wv = nn.Linear(C, self.n_kv_head * D, bias=cfg.bias)
-        self.wo = nn.Linear(self.n_head * D, C, bias=cfg.bias)
+        self.wq = make_linear(cfg, C, self.n_head * D, bias=cfg.bias)
+        self.wk = make_linear(cfg, C, self.n_kv_head * D, bias=cfg.bias)
+        self.wv = make_linear(cfg, C, self.n_kv_head * D, bias=cfg.bias)
+        self.wo = make_linear(cfg, self.n_head * D, C, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        kv_cache: KVCache | None = None,
+        meta: AttnMeta | None = None,
+        kv_cache: KVCache | RollingKVCache | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C); rope: (cos, sin) for this chunk's positions, each (T, D/2); returns (B, T, C)."""
+        """x: (B, T, C); meta: this forward's positions (None = positions 0..T-1, no RoPE); returns (B, T, C)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if meta is None:
+            meta = AttnMeta(q_pos=torch.arange(T, device=x.device)[None])
+        if meta.rope is not None:
+            q, k = apply_rope(q, *meta.rope), apply_rope(k, *meta.rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, L+T, D): cached prefix + this chunk
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, D): cached keys + this chunk
             k, v = k.to(q.dtype), v.to(q.dtype)  # a cache allocated in another dtype (e.g. under autocast)
         p = self.dropout if self.training else 0.0
-        attend = sdpa_attention if self.impl == "sdpa" else manual_attention
-        y = attend(q, k, v, dropout_p=p)  # (B, H, T, D)
+        mask = meta.mask(self.window, self.sinks)
+        if self.impl == "manual":
+            softmax = None
+            if self.scratch:
+                from llm_dist.model.scratch import softmax  # local: scratch imports layers, not attention
+            y = manual_attention(q, k, v, dropout_p=p, mask=mask, softmax=softmax)
+        elif mask is not None and kv_cache is None and meta.plain and T >= 4 * self.window:
+            y = local_attention(q, k, v, self.window, self.sinks, dropout_p=p)  # the banded fast path
+        else:
+            y = sdpa_attention(q, k, v, dropout_p=p, mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.resid_dropout(self.wo(y))
 

@@ -1,11 +1,21 @@
-"""Autoregressive generation: a pre-allocated KV cache, the sampling step and the decoding loop.
+"""Autoregressive generation: the sampling step and the batched decoding loop (beam search: beam.py).
 
-With the cache, the prompt is run once (prefill) and every later step feeds only the newest token,
-whose keys/values are appended to the cache: O(T) work per token instead of O(T^2). Positions are
-absolute (0 .. block_size-1), so once the sequence would outgrow `block_size` the cache cannot take
-another token; from there generation falls back to a sliding window: the last `block_size` tokens are
-recomputed from scratch each step, exactly as `use_cache=False` does all along. Both modes therefore
-see the same contexts and produce the same tokens (up to float rounding of the logits).
+With a KV cache (kv_cache.py) the prompt is run once (prefill) and every later step feeds only the
+newest token, whose keys/values are appended to the cache: O(T) work per token instead of O(T^2).
+
+How far generation can go depends on the model:
+* a *streaming* model (every layer a sliding window, RoPE or no positions) decodes through a
+  `RollingKVCache` of window + sinks slots for as long as asked, in constant memory; `use_cache=False`
+  recomputes the whole sequence every step, which gives the same tokens.
+* any other model has absolute positions 0 .. block_size-1, so once the sequence would outgrow
+  `block_size` the cache cannot take another token; from there generation falls back to a sliding
+  context: the last `block_size` tokens are recomputed from scratch each step, exactly as
+  `use_cache=False` does all along. Both modes see the same contexts and produce the same tokens
+  (up to float rounding of the logits).
+
+Batches of prompts of different lengths are left-padded with an `attention_mask` (1 = token, 0 = pad):
+each row's positions count its own tokens only and padding is never attended to, so a padded row
+generates what it would alone. Each row stops at its own `eos_id`.
 """
 
 from __future__ import annotations
@@ -13,73 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm_dist.model.kv_cache import KVCache, RollingKVCache
 from llm_dist.model.layers import upcast
 from llm_dist.model.transformer import Transformer
 
-
-class KVCache:
-    """Keys and values of every layer for positions 0 .. length-1, in buffers allocated once.
-
-    k, v: (n_layer, batch, n_kv_head, max_len, head_dim). Only the n_kv_head grouped heads are stored
-    (not the n_head repeated ones), so GQA/MQA shrink the cache by n_head / n_kv_head.
-    Each attention layer `update`s its slice at the cursor; the model `advance`s the cursor once per
-    forward, after all layers have written the same positions.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0  # positions filled so far == absolute position of the next token
-
-    @classmethod
-    def for_model(
-        cls,
-        model: Transformer,
-        batch: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> "KVCache":
-        """A cache shaped for `model` (max_len defaults to block_size; device/dtype to the model's)."""
-        w = model.tok_emb.weight
-        return cls(
-            model.cfg.n_layer, batch, model.n_kv_head, max_len or model.cfg.block_size, model.head_dim,
-            device=device if device is not None else w.device, dtype=dtype or w.dtype,
-        )
-
-    @property
-    def pos(self) -> int:
-        """Alias of `length`: the position the next token will take."""
-        return self.length
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this chunk's k, v (B, Hkv, T, D) at the cursor; return all keys/values so far (B, Hkv, L+T, D)."""
-        B, T = k.shape[0], k.shape[2]
-        end = self.length + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        self.k[layer, :B, :, self.length : end] = k
-        self.v[layer, :B, :, self.length : end] = v
-        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
-
-    def advance(self, n: int) -> None:
-        """Move the cursor past the n positions every layer has just written."""
-        self.length += n
-
-    def reset(self) -> None:
-        """Forget the cached positions (the buffers are reused, not freed)."""
-        self.length = 0
+__all__ = ["KVCache", "RollingKVCache", "apply_repetition_penalty", "filter_logits", "generate", "make_cache",
+           "sample_next", "sampling_probs"]
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -135,11 +84,41 @@ def sample_next(
 # ----------------------------------------------------------------------------------------- generation
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019): for tokens already in the sequence, divide a
+    positive logit by `penalty` and multiply a negative one by it (both make the token less likely for
+    penalty > 1). logits: (B, V); seen: (B, V) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     """Cache K/V in the dtype attention will compute in: autocast's if active, else the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return model.tok_emb.weight.dtype
+
+
+def make_cache(model: Transformer, batch: int, max_len: int, device: torch.device) -> KVCache:
+    """A rolling cache for a streaming model, else a full cache of `max_len` slots."""
+    dtype = _cache_dtype(model, device)
+    if model.streaming:
+        return RollingKVCache.for_model(model, batch, device=device, dtype=dtype)
+    return KVCache.for_model(model, batch, max_len, device=device, dtype=dtype)
+
+
+def check_left_padding(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """Validate a (B, T0) left-padding mask; returns it as bool, or None when it pads nothing."""
+    if attention_mask is None:
+        return None
+    m = attention_mask.to(device=idx.device, dtype=torch.bool)
+    if m.shape != idx.shape:
+        raise ValueError(f"attention_mask shape {tuple(m.shape)} != idx shape {tuple(idx.shape)}")
+    if not bool(m[:, -1].all()) or not bool((m[:, 1:] >= m[:, :-1]).all()):
+        raise ValueError("attention_mask must be left padding: zeros, then ones, with every row's last token real")
+    return None if bool(m.all()) else m
 
 
 def generate(
@@ -152,15 +131,19 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Extend prompts idx (B, T0) by up to `max_new_tokens` tokens; returns (B, T0 + n) int64, n <= max_new_tokens.
 
-    Sampling as in `sample_next` (greedy at temperature 0), only over the true vocabulary (the padded
-    logit columns are sliced off). With `eos_id`, a sequence that has emitted it keeps emitting it
-    (as padding) and the loop stops once every sequence has. Prompts longer than block_size are cropped
-    to their last block_size tokens. `use_cache=True`: prefill, then one token per step through a
-    KVCache, then the sliding-window recomputation once the context fills block_size (see the module
-    docstring). `use_cache=False`: full recomputation over the last block_size tokens every step.
+    Sampling as in `sample_next` (greedy at temperature 0) after the repetition penalty, only over the
+    true vocabulary (the padded logit columns are sliced off). `attention_mask` (B, T0): left padding of
+    prompts of different lengths (see the module docstring). With `eos_id`, a sequence that has emitted
+    it keeps emitting it (as padding) and the loop stops once every sequence has. Prompts longer than
+    the context are cropped to their last block_size tokens (not for streaming models). `seed` makes a
+    private generator (when `generator` is not given), so the same call gives the same tokens.
 
     Pass the bare `Transformer` (not a DDP/compiled wrapper). It runs in eval mode (dropout off) under
     `torch.inference_mode()`, and its previous train/eval mode is restored afterwards. The result is
@@ -169,8 +152,14 @@ def generate(
     """
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, T0) with T0 >= 1, got {tuple(idx.shape)}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    mask = check_left_padding(attention_mask, idx)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
     with torch.inference_mode():
-        out = _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+        out = _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, mask,
+                      repetition_penalty)
     return out.clone()
 
 
@@ -184,34 +173,56 @@ def _decode(
     eos_id: int | None,
     use_cache: bool,
     generator: torch.Generator | None,
+    mask: torch.Tensor | None,
+    penalty: float,
 ) -> torch.Tensor:
     """The decoding loop of `generate` (called under inference mode)."""
     block_size, V = model.cfg.block_size, model.vocab_size
+    limit = None if model.streaming else block_size  # how much context one forward may take
+
+    def window(seq: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if limit is None:
+            return seq, m
+        return seq[:, -limit:], (m[:, -limit:] if m is not None else None)
+
     was_training = model.training
     model.eval()
     try:
         out = idx
         B = idx.shape[0]
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        seen = None
+        if penalty != 1.0:  # which tokens each row holds (padding excluded): (B, V)
+            seen = torch.zeros(B, model.padded_vocab_size, dtype=torch.bool, device=idx.device)
+            seen.scatter_(1, idx, mask if mask is not None else torch.ones_like(idx, dtype=torch.bool))
+            seen = seen[:, :V]
+        if max_new_tokens <= 0:
+            return out
+        context, cmask = window(idx, mask)
         cache = None
-        context = idx[:, -block_size:]  # (B, T)
-        if use_cache and max_new_tokens > 0:
-            max_len = min(block_size, context.shape[1] + max_new_tokens)
-            cache = KVCache.for_model(model, B, max_len, device=idx.device, dtype=_cache_dtype(model, idx.device))
-        logits = model(context, kv_cache=cache)[:, -1, :V] if max_new_tokens > 0 else None  # (B, V)
+        if use_cache:
+            cache = make_cache(model, B, min(block_size, context.shape[1] + max_new_tokens), idx.device)
+        logits = model(context, kv_cache=cache, attn_mask=cmask)[:, -1, :V]  # (B, V)
         for step in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, penalty)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
                 nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
                 finished |= nxt == eos_id
             out = torch.cat([out, nxt[:, None]], dim=1)  # (B, T0 + step + 1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if seen is not None:
+                seen[torch.arange(B, device=idx.device), nxt] = True
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 break
             if cache is not None and cache.length < cache.max_len:
-                logits = model(nxt[:, None], kv_cache=cache)[:, -1, :V]  # the new token at position cache.length
+                logits = model(nxt[:, None], kv_cache=cache)[:, -1, :V]  # the new token after the cached ones
             else:
                 cache = None  # full: slide the window and recompute, like use_cache=False
-                logits = model(out[:, -block_size:])[:, -1, :V]
+                context, cmask = window(out, mask)
+                logits = model(context, attn_mask=cmask)[:, -1, :V]
         return out
     finally:
         model.train(was_training)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig
+from llm_dist.model import scratch
 from llm_dist.model.init import normal_
 
 
@@ -22,6 +23,20 @@ from llm_dist.model.init import normal_
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """x in at least float32 (half precisions are widened; float64 is left alone for reference tests)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    """`nn.Linear`, or its hand-written twin under `model.ops=scratch` (same parameter names and shapes)."""
+    if cfg.ops == "scratch":
+        return scratch.Linear(in_features, out_features, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def make_embedding(cfg: ModelConfig, num: int, dim: int) -> nn.Module:
+    """`nn.Embedding`, or its hand-written twin under `model.ops=scratch` (same `weight`)."""
+    if cfg.ops == "scratch":
+        return scratch.Embedding(num, dim)
+    return nn.Embedding(num, dim)
 
 
 # ------------------------------------------------------------------------------------------------ norms
@@ -103,13 +118,13 @@ class MLP(nn.Module):
     `down` writes into the residual stream, so it is initialised with the scaled residual std.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        hidden = mlp_hidden_size(cfg)
+        hidden = hidden or mlp_hidden_size(cfg)
         self.kind = cfg.mlp
-        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
-        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.up = make_linear(cfg, cfg.n_embd, hidden, bias=cfg.bias)
+        self.gate = make_linear(cfg, cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.down = make_linear(cfg, hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +141,7 @@ class MLP(nn.Module):
         _init_linear(self.down, out_std, generator)
 
 
-def _init_linear(lin: nn.Linear, std: float, generator: torch.Generator | None) -> None:
+def _init_linear(lin: nn.Module, std: float, generator: torch.Generator | None) -> None:
     """GPT-2 init for one linear layer: weight ~ N(0, std^2), bias = 0."""
     normal_(lin.weight, std, generator)
     if lin.bias is not None:
@@ -165,7 +180,7 @@ def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[torch.Tensor, 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive channel pairs (x[2i], x[2i+1]) of every head by angle p * inv_freq[i].
 
-    x: (B, H, T, D); cos, sin: (T, D/2). This is the complex product (x[2i] + i x[2i+1]) * e^{i p w_i}
+    x: (B, H, T, D); cos, sin: (T, D/2), or (B, 1, T, D/2) for per-row positions. This is the complex product (x[2i] + i x[2i+1]) * e^{i p w_i}
     of the original RoPE / Llama, written out in reals so it runs in any dtype and compiles cleanly.
     The rotation is done in float32 so bf16 activations do not lose the (small) position signal.
     """
@@ -195,6 +210,19 @@ class RotaryEmbedding(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions start .. start+length-1, each (length, D/2)."""
         return self.cos[start : start + length], self.sin[start : start + length]
+
+    def at(self, positions: torch.Tensor, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for arbitrary positions (Bm, T) -> each (Bm, 1, T, D/2); padding (-1) gets position 0.
+
+        `max_pos` (a host-side bound on positions, so no device sync) beyond the table means a streaming
+        model running past block_size: those angles are computed on the fly, in float64 like the table.
+        """
+        pos = positions.clamp(min=0)
+        if max_pos < self.block_size:
+            return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=pos.device) / self.head_dim)
+        angles = pos.double()[..., None] * inv_freq  # (Bm, T, D/2)
+        return torch.cos(angles).float().unsqueeze(1), torch.sin(angles).float().unsqueeze(1)
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -23,13 +23,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from llm_dist.config import ModelConfig
-from llm_dist.model.attention import CausalSelfAttention
+from llm_dist.config import ModelConfig, layer_kinds, moe_layers
+from llm_dist.model.attention import AttnMeta, CausalSelfAttention
 from llm_dist.model.init import normal_
-from llm_dist.model.layers import MLP, NoNorm, RotaryEmbedding, SinusoidalEmbedding, make_norm
+from llm_dist.model.kv_cache import RollingKVCache
+from llm_dist.model.layers import (MLP, NoNorm, RotaryEmbedding, SinusoidalEmbedding, make_embedding, make_linear,
+                                   make_norm)
+from llm_dist.model.moe import MoE, moe_metrics
 
 if TYPE_CHECKING:
-    from llm_dist.model.generate import KVCache
+    from llm_dist.model.kv_cache import KVCache
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -52,19 +55,20 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        # Hybrid stacks: model.moe decides which layers route over experts (see config.moe_layers).
+        self.mlp = MoE(cfg) if moe_layers(cfg)[layer_idx] else MLP(cfg)
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        meta: AttnMeta | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) -> (B, T, C)."""
+        """x: (B, T, C) -> (B, T, C). meta: the forward's positions/masks (None: 0..T-1, no RoPE)."""
         if self.post_norm:
-            x = self.attn_norm(x + self.attn(x, rope, kv_cache))
+            x = self.attn_norm(x + self.attn(x, meta, kv_cache))
             return self.mlp_norm(x + self.mlp(x))
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache)
+        x = x + self.attn(self.attn_norm(x), meta, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
     def init_weights(self, std: float, out_std: float, generator: torch.Generator | None = None) -> None:
@@ -87,11 +91,12 @@ class Transformer(nn.Module):
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
 
-        self.tok_emb = nn.Embedding(self.padded_vocab_size, cfg.n_embd)
+        self.tok_emb = make_embedding(cfg, self.padded_vocab_size, cfg.n_embd)
         self.pos_emb: nn.Module | None = None
         self.rope: RotaryEmbedding | None = None
+        self._learned_pos = cfg.pos_emb == "learned"
         if cfg.pos_emb == "learned":
-            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.pos_emb = make_embedding(cfg, cfg.block_size, cfg.n_embd)
         elif cfg.pos_emb == "sinusoidal":
             self.pos_emb = SinusoidalEmbedding(cfg.n_embd, cfg.block_size)
         elif cfg.pos_emb == "rope":
@@ -102,7 +107,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         # Post-norm blocks already end in a norm; a final norm belongs to the pre-norm layout only.
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else NoNorm()
-        self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab_size, bias=False)
+        self.lm_head = make_linear(cfg, cfg.n_embd, self.padded_vocab_size, bias=False)
+        # Every layer windowed and no position table to run out of: positions may grow without bound,
+        # and generation keeps only the window (+ sinks) in a RollingKVCache.
+        self.streaming = all(k == "local" for k in layer_kinds(cfg)) and cfg.pos_emb in ("rope", "none")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
@@ -123,7 +131,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight  # to_empty() gives tied parameters separate storage
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         normal_(self.tok_emb.weight, std, generator)
-        if isinstance(self.pos_emb, nn.Embedding):
+        if self._learned_pos:
             normal_(self.pos_emb.weight, std, generator)
         elif self.pos_emb is not None:
             self.pos_emb.init_weights()
@@ -137,32 +145,77 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
 
-    def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> final hidden states (B, T, C), after the final norm and before `lm_head`.
+    def positions(
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, bool, int]:
+        """Absolute positions of the tokens idx (B, T): (positions (Bm, T), padded, host bound on them).
 
-        With a KV cache, the tokens sit at positions cache.length .. cache.length+T-1 and their K/V
-        are appended to the cache.
+        Bm = 1 when every row shares its positions. `attn_mask` (B, T), 1 = token, 0 = padding (left
+        padding of batched prompts): a row's positions count its tokens only, padding gets -1. Padding is
+        accepted in a cache's first chunk only; the cache then remembers each row's offset.
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size}")
+        if attn_mask is not None:
+            if start:
+                raise ValueError("attn_mask (padding) is only accepted for the first chunk of a KV cache")
+            m = attn_mask.to(device=idx.device, dtype=torch.bool)
+            pos = torch.where(m, m.long().cumsum(dim=1) - 1, -1)  # (B, T)
+            if kv_cache is not None:
+                kv_cache.offsets = (~m).sum(dim=1)  # (B,) pad tokens per row
+            return pos, True, T - 1
+        pos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        if kv_cache is not None and kv_cache.offsets is not None:
+            return pos - kv_cache.offsets[:, None], True, start + T - 1  # (B, T) shifted per row
+        return pos, False, start + T - 1
+
+    def forward_hidden(
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, C), after the final norm and before `lm_head`.
+
+        With a KV cache, the tokens follow the cached ones and their K/V are written to the cache.
+        `attn_mask`: see `positions`. A streaming model (every layer windowed, RoPE or no positions) runs
+        past block_size; any other model stops there.
+        """
+        B, T = idx.shape
+        pos, padded, max_pos = self.positions(idx, kv_cache, attn_mask)
+        if max_pos >= self.cfg.block_size and not self.streaming:
+            raise ValueError(f"sequence of {max_pos + 1} tokens exceeds block_size={self.cfg.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
-        if isinstance(self.pos_emb, nn.Embedding):
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+        if padded and self.pos_emb is not None:
+            table = self.pos_emb.weight if self._learned_pos else self.pos_emb.table
+            x = x + table[pos.clamp(min=0)].to(x.dtype)  # (B, T, C): per-row positions
+        elif self._learned_pos:
+            x = x + self.pos_emb(pos[0])  # (T, C) broadcast
         elif self.pos_emb is not None:
-            x = x + self.pos_emb(start, T).to(x.dtype)
+            x = x + self.pos_emb(max_pos + 1 - T, T).to(x.dtype)
         x = self.emb_dropout(x)
-        rope = self.rope(start, T) if self.rope is not None else None
+        meta = AttnMeta(q_pos=pos, plain=not padded)
+        if self.rope is not None:
+            if padded or max_pos >= self.cfg.block_size:
+                meta.rope = self.rope.at(pos, max_pos)  # (Bm, 1, T, D/2) each
+            else:
+                meta.rope = self.rope(max_pos + 1 - T, T)  # (T, D/2) each: a slice of the table
+        if kv_cache is not None:
+            kv_cache.prepare(pos)
+            meta.k_pos = kv_cache.k_pos
+            meta.plain = not padded and not isinstance(kv_cache, RollingKVCache)  # rolling slots are out of order
         for block in self.blocks:
-            x = block(x, rope, kv_cache)  # (B, T, C)
+            x = block(x, meta, kv_cache)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding."""
-        return self.lm_head(self.forward_hidden(idx, kv_cache))
+        return self.lm_head(self.forward_hidden(idx, kv_cache, attn_mask))
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Model-specific training metrics of the latest forward (MoE routing statistics; {} if dense)."""
+        return moe_metrics(self)
 
     # --------------------------------------------------------------------------------------- reporting
 
@@ -176,7 +229,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
-            if isinstance(self.pos_emb, nn.Embedding):
+            if self._learned_pos:
                 n -= self.pos_emb.weight.numel()
             if not self.cfg.tie_embeddings:
                 n -= self.lm_head.weight.numel()
@@ -188,13 +241,19 @@ class Transformer(nn.Module):
         Excluded: the learned position table and, when untied, the input token-embedding table (its
         forward is a gather, not a matmul). Included: the LM head (a (C x V) matmul per token), so with
         tied embeddings the shared matrix counts once. Biases and norm weights are included too; they
-        are O(n_layer * C), well under 0.1% of N for real shapes.
+        are O(n_layer * C), well under 0.1% of N for real shapes. MoE layers count their *active*
+        parameters: a token runs through top_k of the E experts, so (E - top_k) / E of the expert weights
+        do no work for it (the router and a shared expert count in full).
         """
         n = self.num_params()
-        if isinstance(self.pos_emb, nn.Embedding):
+        if self._learned_pos:
             n -= self.pos_emb.weight.numel()
         if not self.cfg.tie_embeddings:
             n -= self.tok_emb.weight.numel()
+        for m in self.modules():
+            if isinstance(m, MoE):
+                expert = sum(w.numel() for w in (m.w_up, m.w_gate, m.w_down) if w is not None)
+                n -= expert * (m.num_experts - m.top_k) // m.num_experts
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist.config import OptimConfig, TrainConfig
+from llm_dist.model import scratch
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -27,11 +28,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; the fused CUDA kernel by default on GPU (one launch for all params instead of a loop)."""
+def _scratch(model: nn.Module) -> bool:
+    """Whether the model was built with `model.ops=scratch` (then the hand-written AdamW and clipping run)."""
+    return getattr(getattr(model, "cfg", None), "ops", "torch") == "scratch"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel by default on GPU (one launch for all params instead of a loop).
+
+    Under `model.ops=scratch`: the hand-written `llm_dist.model.scratch.AdamW` (same update, same state keys).
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    if _scratch(model):
+        return scratch.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     fused = device.type == "cuda" if cfg.fused == "auto" else cfg.fused == "true"
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of `model`'s parameters to max_norm (inf = only measure); returns the norm.
+
+    torch's `clip_grad_norm_` (foreach; DTensor-aware under FSDP), or the hand-written one under
+    `model.ops=scratch` for plain (unsharded) gradients.
+    """
+    params = list(model.parameters())
+    if _scratch(model) and not any(type(p).__name__ == "DTensor" for p in params):
+        return scratch.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
