@@ -2,7 +2,7 @@
 
 For N tokens x (N, C), E experts, k experts per token:
 
-    logits = router(x)                         (N, E), computed in float32
+    logits = router(x)                         (N, E), computed in (at least) float32
     scores = softmax(logits) | sigmoid(logits)
     w, e   = topk(scores, k)                   (N, k) the chosen experts and their scores
     gates  = w / sum(w)                        renormalised over the k chosen experts
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig
 from llm_dist.model.init import normal_
-from llm_dist.model.layers import MLP, _init_linear, make_linear, mlp_hidden_size
+from llm_dist.model.layers import MLP, _init_linear, make_linear, mlp_hidden_size, upcast
 
 
 def load_balance_loss(scores: torch.Tensor, experts: torch.Tensor, num_experts: int, router: str) -> torch.Tensor:
@@ -93,8 +93,8 @@ class MoE(nn.Module):
             self.shared.init_weights(std, out_std, generator)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, C) -> gates (N, k) float32, experts (N, k) int64, router logits (N, E) and scores (N, E) float32."""
-        logits = self.router(x).float()  # (N, E): routing decisions are precision-sensitive; fp32
+        """x (N, C) -> gates (N, k), experts (N, k) int64, router logits (N, E) and scores (N, E), >= float32."""
+        logits = upcast(self.router(x))  # (N, E): routing decisions are precision-sensitive; at least fp32
         scores = F.softmax(logits, dim=-1) if self.router_kind == "softmax" else torch.sigmoid(logits)
         w, experts = torch.topk(scores, self.top_k, dim=-1)  # (N, k)
         gates = w / w.sum(dim=-1, keepdim=True)
