@@ -1,0 +1,256 @@
+"""Checkpoint save/load cost: how long async save blocks training vs a sync save, and GB/s.
+
+    python tools/bench_checkpoint.py                          # ~1 GB model + AdamW state, 3 saves per mode
+    python tools/bench_checkpoint.py --n-layer 4 --trials 5 --out runs/bench_checkpoint.json
+    torchrun --standalone --nproc_per_node=2 tools/bench_checkpoint.py   # 2 ranks (gloo), replicated state
+
+Everything goes through the real code path: `CheckpointManager(dir, async_save=...).save(...)` with the
+state from `sharded.model_optim_state` (what the trainer passes), then `load_checkpoint` for loads. For each
+mode the same state is saved `--trials` times into a fresh checkpoint directory:
+
+- blocking: wall time of `save()` on the calling thread, i.e. how long training would be stopped
+  (sync: the whole write, rename and marker; async: planning plus staging the state into CPU memory).
+- total: until the checkpoint is complete (`save()` + `wait()`).
+- staging cost, measured alone, to explain the async figure: one deep copy of the state into freshly
+  allocated CPU memory (what DCP's default stager does on every async save) vs a copy into buffers that are
+  already allocated (what a stager kept alive across saves would do).
+
+Throughput counts the bytes of the DCP shard files (the tensors) over the total time of a save or load.
+Writes and reads go through the page cache (24 GiB on the reference VM), so they measure memory + the
+serialisation path, not the disk; `sync_files` (fsync) is on, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from llm_dist import distributed as D  # noqa: E402
+from llm_dist.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
+from llm_dist.checkpoint import sharded  # noqa: E402
+from llm_dist.config import ModelConfig  # noqa: E402
+from llm_dist.model.transformer import build_model  # noqa: E402
+from llm_dist.tokenizer import ByteTokenizer  # noqa: E402
+
+GB = 1e9
+
+
+def make_state(n_layer: int, n_embd: int, vocab: int, block: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model with a populated AdamW state (exp_avg, exp_avg_sq, step): 12 bytes per fp32 parameter."""
+    cfg = ModelConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64),
+                      block_size=block)
+    model = build_model(cfg, "cpu", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():  # random grads so the moments are not all-zero pages (real bytes to copy)
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of every tensor in a nested state dict (shared storages counted once)."""
+    seen, total = set(), 0
+
+    def walk(x: object) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.numel())
+            if key not in seen:
+                seen.add(key)
+                total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(state)
+    return total
+
+
+def shard_bytes(url: str) -> int:
+    return sum(p.stat().st_size for p in (Path(url) / "dcp").glob("*.distcp"))
+
+
+def staging_cost(state: dict, repeats: int = 2) -> dict:
+    """Seconds for a fresh deep copy of the state to CPU vs a copy into preallocated buffers."""
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+    fresh, reuse = [], []
+    buffers = _create_cpu_state_dict(state)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        staged = _create_cpu_state_dict(state)
+        _copy_state_dict(state, staged)
+        fresh.append(time.perf_counter() - t0)
+        del staged
+        t0 = time.perf_counter()
+        _copy_state_dict(state, buffers)
+        reuse.append(time.perf_counter() - t0)
+    return {"fresh_alloc_copy_s": min(fresh), "preallocated_copy_s": min(reuse)}
+
+
+@contextlib.contextmanager
+def persistent_stager() -> Iterator[None]:
+    """The proposed fix, for measurement only: one DCP stager kept alive across async saves.
+
+    `dcp.async_save` otherwise stages through the (new, per-save) FsspecWriter, which allocates a fresh CPU
+    copy of the whole state every time; a `DefaultStager` that lives across saves caches the CPU storages
+    (keyed by the source storage) and only copies into them. Safe because the manager waits for the previous
+    save before staging the next one. Applied by wrapping `sharded.save` while this context is open.
+    """
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                          use_async_staging=False, use_non_blocking_copy=False))
+    original = sharded.save
+
+    def save(state: dict, path: str, process_group=None, asynchronous: bool = False):  # noqa: ANN001, ANN202
+        if not asynchronous:
+            return original(state, path, process_group=process_group)
+        fut = dcp.async_save(state, storage_writer=FsspecWriter(path), process_group=process_group,
+                             async_stager=stager)
+        return getattr(fut, "upload_completion", fut)
+
+    sharded.save = save
+    try:
+        yield
+    finally:
+        sharded.save = original
+        stager.close()
+
+
+def bench_mode(root: Path, state: dict, async_save: bool, trials: int, label: str = "") -> dict:
+    """`trials` saves of the same state through CheckpointManager; returns per-trial timings."""
+    mgr = CheckpointManager(str(root), keep_last_k=1, async_save=async_save)
+    blocking, total, url = [], [], ""
+    for i in range(trials):
+        D.barrier()
+        t0 = time.perf_counter()
+        url = mgr.save(i + 1, state, {"trainer": {"step": i + 1}}, "out_dir: bench\n", ByteTokenizer(), "byte",
+                       meta={"strategy": "bench"})
+        blocking.append(time.perf_counter() - t0)
+        mgr.wait()
+        D.barrier()  # rank 0 finalises: the checkpoint is complete for everyone after this
+        total.append(time.perf_counter() - t0)
+    return {"mode": label or ("async" if async_save else "sync"), "blocking_s": blocking, "total_s": total, "url": url}
+
+
+def bench_load(url: str, model: torch.nn.Module, opt: torch.optim.Optimizer, trials: int) -> list[float]:
+    times = []
+    for _ in range(trials):
+        D.barrier()
+        t0 = time.perf_counter()
+        load_checkpoint(url, model, opt)
+        D.barrier()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--block-size", type=int, default=1024)
+    ap.add_argument("--trials", type=int, default=3, help="saves (and loads) per mode; medians are reported")
+    ap.add_argument("--dir", default="", help="where to write checkpoints (default: a temp dir, removed after)")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--no-proposed", action="store_true",
+                    help="skip the extra row measuring async save with a stager kept across saves")
+    args = ap.parse_args(argv)
+
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi:
+        dist.init_process_group("gloo")
+    rank, world = D.get_rank(), D.get_world_size()
+    torch.manual_seed(0)
+    model, opt = make_state(args.n_layer, args.n_embd, args.vocab, args.block_size)
+    state = sharded.model_optim_state(model, opt)
+    n_params = sum(p.numel() for p in model.parameters())
+    nbytes = state_bytes(state)
+
+    if args.dir:
+        base = Path(args.dir)
+    else:  # rank 0 picks the temp dir and tells the others, so every rank writes into the same checkpoint
+        picked = [tempfile.mkdtemp(prefix="bench_ckpt_") if rank == 0 else None]
+        if multi:
+            dist.broadcast_object_list(picked, src=0)
+        base = Path(picked[0])
+    D.print0(f"state: {n_params / 1e6:.1f}M parameters + AdamW = {nbytes / GB:.2f} GB per rank; {world} rank(s); "
+             f"{torch.get_num_threads()} thread(s); checkpoints under {base}")
+
+    staging = staging_cost(state)
+    results = {}
+    modes = [("sync", False, False), ("async", True, False)]
+    if not args.no_proposed:
+        modes.append(("async+kept-stager", True, True))
+    for label, async_save, kept in modes:  # sync first: the async runs cannot profit from a warmer cache
+        with persistent_stager() if kept else contextlib.nullcontext():
+            r = bench_mode(base / label, state, async_save, args.trials, label)
+        r["load_s"] = bench_load(r["url"], model, opt, args.trials)
+        r["shard_bytes"] = shard_bytes(r["url"]) if rank == 0 else 0
+        results[label] = r
+
+    med = statistics.median
+    ckpt_bytes = results["sync"]["shard_bytes"]
+    rows = []
+    for r in results.values():
+        rows.append({"mode": r["mode"], "blocking_s": med(r["blocking_s"]), "total_s": med(r["total_s"]),
+                     "save_GBps": ckpt_bytes / GB / med(r["total_s"]), "load_s": med(r["load_s"]),
+                     "load_GBps": ckpt_bytes / GB / med(r["load_s"]),
+                     "blocking_trials_s": r["blocking_s"], "total_trials_s": r["total_s"]})
+    sync_block = rows[0]["blocking_s"]
+    for r in rows:
+        r["blocking_over_sync"] = r["blocking_s"] / sync_block
+    ratio = rows[1]["blocking_over_sync"]
+    report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+              "world_size": world, "params": n_params, "state_bytes_per_rank": nbytes, "checkpoint_bytes": ckpt_bytes,
+              "trials": args.trials, "rows": rows, "staging": staging, "async_blocking_over_sync": ratio,
+              "goal": "async blocking <= 10% of sync", "goal_met": ratio <= 0.10}
+    if rank == 0:
+        print(f"\ncheckpoint {ckpt_bytes / GB:.2f} GB on disk ({world} rank(s)); medians of {args.trials} trials\n")
+        print("| mode | blocking s | vs sync | total s | save GB/s | load s | load GB/s | blocking per trial s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            trials = ", ".join(f"{t:.2f}" for t in r["blocking_trials_s"])
+            print(f"| {r['mode']} | {r['blocking_s']:.2f} | {100 * r['blocking_over_sync']:.0f}% | {r['total_s']:.2f} | "
+                  f"{r['save_GBps']:.2f} | {r['load_s']:.2f} | {r['load_GBps']:.2f} | {trials} |")
+        verdict = "met" if ratio <= 0.10 else "NOT met"
+        print(f"\nasync (real path) blocks {100 * ratio:.1f}% of sync (goal <= 10%: {verdict})")
+        print(f"staging alone: copy into fresh CPU memory {staging['fresh_alloc_copy_s']:.2f}s, into preallocated "
+              f"buffers {staging['preallocated_copy_s']:.2f}s")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+            print(f"wrote {args.out}")
+    D.barrier()
+    if rank == 0 and not args.dir:
+        shutil.rmtree(base, ignore_errors=True)
+    if multi:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
