@@ -132,7 +132,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         else:
             h = F.gelu(self.up(x), approximate="tanh")  # (B, T, hidden)
-        return self.dropout(self.down(h))  # (B, T, C)
+        y = self.down(h)  # (B, T, C)
+        return self.dropout(y) if self.dropout.p else y  # no module call for dropout 0 (decode overhead)
 
     def init_weights(self, std: float, out_std: float, generator: torch.Generator | None = None) -> None:
         for lin in (self.up, self.gate):

@@ -160,7 +160,8 @@ class MoE(nn.Module):
             "balance_loss": lb.detach(),
             "z_loss": zl.detach(),
         }
-        return self.dropout(y.view(B, T, C))
+        y = y.view(B, T, C)
+        return self.dropout(y) if self.dropout.p else y
 
 
 def moe_layers_of(model: nn.Module) -> list[MoE]:

@@ -190,7 +190,8 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(pos[0])  # (T, C) broadcast
         elif self.pos_emb is not None:
             x = x + self.pos_emb(max_pos + 1 - T, T).to(x.dtype)
-        x = self.emb_dropout(x)
+        if self.emb_dropout.p:
+            x = self.emb_dropout(x)
         meta = AttnMeta(q_pos=pos, plain=not padded)
         if self.rope is not None:
             if padded or max_pos >= self.cfg.block_size:
@@ -301,4 +302,6 @@ def model_summary(model: Transformer, seq_len: int | None = None) -> str:
         f"params {_human(model.num_params())} ({model.num_params():,}) | "
         f"non-embedding {_human(model.num_params(non_embedding=True))} | "
         f"FLOPs/token {_human(model.flops_per_token(T))} at T={T} (6N + 12LHQT)"
+        + (f" | MoE: {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, in {sum(moe_layers(cfg))} of "
+           f"{cfg.n_layer} layers, active params {_human(model.matmul_params())}" if cfg.moe.num_experts else "")
     )
