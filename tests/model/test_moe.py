@@ -160,7 +160,8 @@ def test_moe_model_loss_falls_on_tiny_shakespeare(tmp_path: Path, prepared_byte_
     assert all(1.0 <= r["moe/load_max"] <= 8.0 and r["moe/balance"] >= 0.99 for r in m)
 
 
-def test_moe_under_ddp_equals_single_process_with_idle_experts(tmp_path: Path, prepared_byte_data: Path):
+@pytest.mark.slow
+def test_moe_under_ddp_and_fsdp_equals_single_process_with_idle_experts(tmp_path: Path, prepared_byte_data: Path):
     # 32 experts, top-1, 2 sequences of 8 tokens per micro-batch: many experts get no token on a rank in a
     # step; without every expert in the graph DDP would fail with an unused-parameter error.
     common = ["launch/pretrain.py", "--config", "configs/debug.yaml", f"data.dir={prepared_byte_data}",
@@ -168,10 +169,11 @@ def test_moe_under_ddp_equals_single_process_with_idle_experts(tmp_path: Path, p
               "train.log_interval=1", "eval.interval=0", "eval.steps=1", "eval.sample_tokens=0",
               "checkpoint.interval=0", "model.moe.num_experts=32", "model.moe.top_k=1", "model.bias=false"]
     run_launcher([*common, f"out_dir={tmp_path / 'single'}"])
-    run_launcher([*common, f"out_dir={tmp_path / 'ddp'}"], nproc=2)
     l1 = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
-    l2 = [r for r in read_metrics(tmp_path / "ddp") if "loss" in r]
-    assert len(l1) == len(l2) == 4
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(l1, l2)) < 1e-5
-    assert all(r["moe/idle"] > 0 for r in l2)
-    assert find_latest(tmp_path / "ddp" / "checkpoints") is not None
+    for strategy in ("ddp", "fsdp"):
+        run_launcher([*common, f"out_dir={tmp_path / strategy}", f"parallel.strategy={strategy}"], nproc=2)
+        l2 = [r for r in read_metrics(tmp_path / strategy) if "loss" in r]
+        assert len(l1) == len(l2) == 4
+        assert max(abs(a["loss"] - b["loss"]) for a, b in zip(l1, l2)) < 1e-5, strategy
+        assert all(r["moe/idle"] > 0 for r in l2)
+        assert find_latest(tmp_path / strategy / "checkpoints") is not None
