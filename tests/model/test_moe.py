@@ -177,3 +177,20 @@ def test_moe_under_ddp_and_fsdp_equals_single_process_with_idle_experts(tmp_path
         assert max(abs(a["loss"] - b["loss"]) for a, b in zip(l1, l2)) < 1e-5, strategy
         assert all(r["moe/idle"] > 0 for r in l2)
         assert find_latest(tmp_path / strategy / "checkpoints") is not None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.moe.num_experts=4", "model.moe.top_k=5"], "model.moe.top_k=5 must be in"),
+    (["model.moe.num_experts=4", "model.moe.router=softmx"], "did you mean 'softmax'"),
+    (["model.moe.num_experts=4", "model.moe.first_dense_layers=4"], "leaves no MoE layer"),
+    (["model.moe.num_experts=4", "model.moe.every_n_layers=0"], "model.moe.every_n_layers"),
+    (["model.ops=numpy"], "model.ops"),
+])
+def test_moe_and_ops_config_errors(overrides, message):
+    from llm_dist.config import Config, ConfigError, apply_override
+
+    cfg = Config()
+    for o in overrides:
+        apply_override(cfg, o)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
