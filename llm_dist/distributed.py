@@ -113,6 +113,11 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and env.rank == 0):
+        print("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted workers "
+              "may hang in init_process_group (pytorch/pytorch#135712); export it before torchrun",
+              file=sys.stderr, flush=True)
     kwargs = {"device_id": dev} if backend == "nccl" else {}  # binds NCCL's communicator eagerly to our GPU
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)

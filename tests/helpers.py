@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,7 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: CPU only, one thread per rank (2 ranks share 2 cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_", "MASTER_"))}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: restarted workers must not reuse torchrun's rendezvous store,
+    # or gloo reads the dead attempt's addresses and hangs (pytorch/pytorch#135712).
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
     return env
 
 
@@ -28,6 +33,25 @@ def run_launcher(args: list[str], nproc: int = 1, timeout: int = 300, check: boo
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+def stream(cmd: list[str], on_line, timeout: float = 240) -> tuple[int, str]:
+    """Run `cmd`, calling `on_line(line, proc)` for each output line; kill it all after `timeout` seconds."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            on_line(line, proc)
+        rc = proc.wait()
+    finally:
+        watchdog.cancel()
+    if rc == -signal.SIGKILL and not watchdog.is_alive():
+        out.append(f"\n[killed by the test watchdog after {timeout}s]\n")
+    return rc, "".join(out)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from llm_dist.checkpoint import find_latest, read_json
-from tests.helpers import REPO, cpu_env, final_params, read_metrics, run_launcher
+from tests.helpers import final_params, read_metrics, run_launcher, stream
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -26,15 +25,12 @@ def test_stop_and_resume_is_bit_exact(tmp_path: Path, prepared_byte_data: Path) 
     run_launcher([*args, f"out_dir={full}"])
 
     # Interrupt the second run like a user pressing Ctrl-C once training is under way.
-    proc = subprocess.Popen([sys.executable, *args, f"out_dir={stopped}"], cwd=REPO, env=cpu_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    for line in proc.stdout:
-        out.append(line)
+    def on_line(line: str, proc) -> None:  # noqa: ANN001
         if line.startswith("step      3 |"):
             proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 0, "".join(out)
-    log = "".join(out)
+
+    rc, log = stream([sys.executable, *args, f"out_dir={stopped}"], on_line, timeout=120)
+    assert rc == 0, log
     assert "received SIGINT" in log and "training stopped at step" in log
     stop_step = find_latest(str(stopped / "checkpoints"))
     k = read_json(stop_step, "meta.json")["step"]
