@@ -157,6 +157,7 @@ def main(cfg: Config) -> int:
         ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
         ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
         resume(cfg, trainer, loader, ckpt_dir, rt.rank, rt.world_size)
+        trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish first
 
         if D.is_main():  # the resolved config sits beside the checkpoints and metrics
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def main(cfg: Config) -> int:
         try:
             reason = fit(trainer, loader, logger=logger, throughput=throughput, save_checkpoint=save, poll=ckpt.poll,
                          evaluate=evaluate, sample=sample if cfg.eval.sample_tokens else None, seq_len=seq_len)
-            ckpt.wait()  # the end of training waits for the last background write
+            ckpt.close()  # the end of training waits for the last background write
         except NonFiniteError as e:
             D.print0(f"error: {e}")
             return EXIT_NONFINITE

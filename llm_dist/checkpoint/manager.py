@@ -13,10 +13,12 @@ One checkpoint, `<out_dir>/checkpoints/step_00001000/`:
 Writing goes to `step_N.tmp/`; when every file is there, the directory is renamed to `step_N/` and only
 then `COMPLETE` is written, so on any filesystem (renames on object stores are copies) a checkpoint is
 complete exactly when its marker exists. A crash at any moment leaves the previous checkpoints untouched.
-With `async_save`, the sharded part is staged to CPU memory and written by a background thread on a
-separate gloo process group (so it never waits on, or deadlocks against, the training collectives);
-training goes on, at most one save is in flight, and rank 0 finalises it (rename + marker) once DCP's
-coordinator has written the metadata, which happens only after every rank's shards are written.
+With `async_save`, the sharded part is copied to CPU memory by a background stager while the next step's
+forward and backward run (the trainer waits for that copy only before its next optimizer step, the first
+moment the saved tensors change), then written by a background thread on a separate gloo process group (so
+it never waits on, or deadlocks against, the training collectives). At most one save is in flight, and
+rank 0 finalises it (rename + marker) once DCP's coordinator has written the metadata, which happens only
+after every rank's shards are written.
 """
 
 from __future__ import annotations
@@ -208,7 +210,10 @@ class CheckpointManager:
         # A gloo group of its own for the background writes: DCP's collectives (plan gather, metadata)
         # then never interleave with the training's NCCL/gloo collectives on the default group.
         self._group = dist.new_group(backend="gloo") if async_save and D.get_world_size() > 1 else None
+        # One stager for the whole run: its CPU buffers are reused by every save instead of reallocated.
+        self._stager = sharded.make_stager() if async_save else None
         self._pending: tuple[Future, Callable[[], None]] | None = None
+        self._staging: Future | None = None
 
     def latest(self) -> str | None:
         return find_latest(self.dir)
@@ -233,8 +238,8 @@ class CheckpointManager:
             for rel, data in files.items():
                 _write_bytes(self.fs, posixpath.join(tmp, rel), data)
         info = {"step": step, "world_size": D.get_world_size(), "time": time.time(), **(meta or {})}
-        fut = sharded.save(model_optim, _url(self.dir, name + ".tmp", "dcp"), process_group=self._group,
-                           asynchronous=self.async_save)
+        self._staging, fut = sharded.save(model_optim, _url(self.dir, name + ".tmp", "dcp"), process_group=self._group,
+                                          asynchronous=self.async_save, stager=self._stager)
         blocked = time.perf_counter() - t0
         finalize = lambda: self._finalize(step, tmp, info, t0)  # noqa: E731
         if fut is None:
@@ -248,6 +253,20 @@ class CheckpointManager:
         self.last_blocking_s = blocked
         return _url(self.dir, name)
 
+    def wait_staged(self) -> None:
+        """Block until the last async save has copied the state to CPU. Call before anything mutates the
+        saved tensors (the next optimizer step); the copy overlaps the forward/backward until then."""
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def close(self) -> None:
+        """Finish the in-flight save and release the stager's buffers and threads."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
     def poll(self) -> None:
         """Finalise a finished async save (rank 0 renames + marks it); cheap, call once per step."""
         if self._pending is not None and self._pending[0].done():
@@ -255,6 +274,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) is written and finalised."""
+        self.wait_staged()
         if self._pending is not None:
             self._pending[0].result()
             self._complete_pending()

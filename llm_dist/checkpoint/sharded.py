@@ -92,15 +92,39 @@ def apply_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, 
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def make_stager() -> Any | None:
+    """A DCP stager that copies state to CPU in a background thread, reusing its buffers across saves.
+
+    Pinned memory and non-blocking copies on CUDA. None where this torch has no DefaultStager (then
+    `async_save` stages synchronously, inside the call).
+    """
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
+                                        use_non_blocking_copy=cuda))
+
+
 def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | None = None,
-         asynchronous: bool = False) -> Future | None:
-    """Write `state` under `path` (collective). Async: stage to CPU now, write in a background thread."""
+         asynchronous: bool = False, stager: Any | None = None) -> tuple[Future | None, Future | None]:
+    """Write `state` under `path` (collective). Returns (staged, written) futures; (None, None) when sync.
+
+    Async: the state is copied to CPU (by `stager` in the background, else before returning) and written by
+    a background thread; `staged` completes when the copy is done, i.e. when the live tensors may change.
+    """
     writer = FsspecWriter(path)
-    if asynchronous:
-        fut = dcp.async_save(state, storage_writer=writer, process_group=process_group)
-        return getattr(fut, "upload_completion", fut)  # newer torch returns a response object
-    dcp.save(state, storage_writer=writer, process_group=process_group)
-    return None
+    if not asynchronous:
+        dcp.save(state, storage_writer=writer, process_group=process_group)
+        return None, None
+    kwargs = {"async_stager": stager} if stager is not None else {}
+    resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
+    if hasattr(resp, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
+        return resp.staging_completion, resp.upload_completion
+    done = Future()
+    done.set_result(None)
+    return done, resp
 
 
 class CheckpointReadError(RuntimeError):

@@ -131,6 +131,8 @@ class Trainer:
         self.state = TrainState()
         self.stop = StopRequest()
         self.stop_agreed = False
+        # Called right before parameters/optimizer state change (e.g. wait for an async checkpoint's copy).
+        self.pre_step_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------------------------------- step
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -203,6 +205,8 @@ class Trainer:
         self.state.consecutive_skips = 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for hook in self.pre_step_hooks:
+            hook()
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the step itself if any gradient is inf/nan
             self.scaler.update()

@@ -1,4 +1,4 @@
-"""Elastic resume: a checkpoint written by 2 FSDP ranks continues on 1 process and on 3 DDP ranks with the
+"""Elastic resume: a checkpoint written (asynchronously) by 2 FSDP ranks continues on 1 process and on 3 DDP ranks with the
 loss trajectory of the uninterrupted 2-rank run (same global batch, so no sample repeated or skipped)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, prepared_byte_data: Path) -> Path:
     out = tmp_path_factory.mktemp("fsdp2")
-    run_launcher([*ARGS, f"data.dir={prepared_byte_data}", f"out_dir={out}", "checkpoint.interval=5",
+    run_launcher([*ARGS, f"data.dir={prepared_byte_data}", f"out_dir={out}", "checkpoint.interval=5", "checkpoint.async_save=true",
                   "parallel.strategy=fsdp"], nproc=2)
     return out
 

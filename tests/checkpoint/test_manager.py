@@ -105,7 +105,9 @@ def test_async_save_finalises_in_the_background(tmp_path: Path) -> None:
     model, opt = _model_opt(0)
     mgr = CheckpointManager(str(tmp_path), async_save=True)
     url = _save(mgr, 5, model, opt)
-    # Training goes on (params change) while the staged copy is written.
+    # Training goes on: forward/backward may run during the copy; before the next optimizer step (the
+    # first change to the saved tensors) the trainer waits for the copy, then the write continues.
+    mgr.wait_staged()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -117,7 +119,7 @@ def test_async_save_finalises_in_the_background(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model2.parameters()))
     assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     mgr.save(6, sharded.model_optim_state(model, opt), {}, "x: 1\n", ByteTokenizer(), "byte")
-    mgr.wait()
+    mgr.close()
     assert [Path(u).name for u in list_checkpoints(str(tmp_path))[0]] == ["step_00000005", "step_00000006"]
 
 
