@@ -46,3 +46,17 @@ def test_sharded_run_equals_single_process(tmp_path: Path, prepared_byte_data: P
     # Loss and the clipped-gradient norm of every step: the sharded norm is the unsharded one.
     for (l1, g1), (l2, g2) in zip(_losses(single_run), _losses(tmp_path), strict=True):
         assert abs(l1 - l2) <= 1e-5 * abs(l1) and abs(g1 - g2) <= 1e-5 * abs(g1)
+
+
+@pytest.mark.slow
+def test_fsdp_with_ac_and_compile_equals_single_process(tmp_path: Path, prepared_byte_data: Path, single_run: Path,
+                                                         monkeypatch) -> None:
+    """AC wrappers, per-block torch.compile and FSDP2 composed (cold compile: ~30 s on 2 cores)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    run_launcher([*COMMON, f"data.dir={prepared_byte_data}", f"out_dir={tmp_path}", "parallel.strategy=fsdp",
+                  "parallel.ac=full", "train.compile=true"], nproc=2)
+    ref, got = final_params(single_run), final_params(tmp_path)
+    for k in ref:
+        assert (ref[k] - got[k]).abs().max().item() <= 1e-5, k
+    for (l1, _), (l2, _) in zip(_losses(single_run), _losses(tmp_path), strict=True):
+        assert abs(l1 - l2) <= 1e-5 * abs(l1)
