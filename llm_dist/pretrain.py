@@ -9,16 +9,13 @@ after saving, so a scheduler script should resubmit; 3 halted on non-finite loss
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 from pathlib import Path
 
 import torch
-import yaml
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import (CheckpointManager, find_latest, list_checkpoints, load_checkpoint, read_config,
-                                 set_rng_state, verify)
+from llm_dist.checkpoint import CheckpointManager
 from llm_dist.config import Config, ConfigError
 from llm_dist.data.loader import ShardedLoader
 from llm_dist.data.prepare import ensure_prepared
@@ -30,27 +27,9 @@ from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.loop import fit
 from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import NonFiniteError, Trainer, resolve_dtype
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's signal, checkpoint saved, resubmit me
-EXIT_NONFINITE = 3
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def resolve_path(p: str) -> str:
-    """Relative paths resolve against the current directory, else the repository root (bundled data)."""
-    if "://" in p or Path(p).is_absolute() or Path(p).exists() or any(c in p for c in "*?["):
-        return p
-    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else p
-
-
-def resolve_vocab(cfg: Config, tok: Tokenizer) -> None:
-    """model.vocab_size = 0 takes the tokenizer's; a smaller explicit value would drop ids."""
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than tokenizer "
-                          f"{cfg.tokenizer.name!r}'s {tok.vocab_size} ids")
+# Shared with the other stages (llm_dist/stages.py); also importable from here, as before the move.
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, REPO_ROOT, check_model_matches,  # noqa: F401
+                             resolve_path, resolve_vocab, resume_candidates, resume_run)
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
@@ -61,33 +40,6 @@ def prepare_data(cfg: Config, tok: Tokenizer) -> str:
                         text_field=cfg.data.text_field, num_proc=cfg.data.num_proc, log=D.print0)
     D.barrier()
     return data_dir
-
-
-def resume_candidates(cfg: Config, ckpt_dir: str) -> list[str]:
-    """Checkpoints to try, newest first: every complete, verified one (auto), or the one named."""
-    r = cfg.checkpoint.resume
-    if r == "never":
-        return []
-    if r == "auto":
-        latest = find_latest(ckpt_dir)  # reports incomplete/corrupt ones
-        if latest is None:
-            return []
-        complete, _ = list_checkpoints(ckpt_dir)
-        return [u for u in reversed(complete) if u <= latest and verify(u) is None]
-    problem = verify(r)
-    if problem is not None:
-        raise ConfigError(f"checkpoint.resume: {problem}")
-    return [r]
-
-
-def check_model_matches(cfg: Config, ckpt_config: dict, path: str) -> None:
-    """Resuming into a different architecture would fail deep inside load_state_dict; say it plainly."""
-    saved = ckpt_config.get("model", {})
-    mine = dataclasses.asdict(cfg.model)
-    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items()
-            if k not in ("dropout", "attn_impl", "preset") and saved.get(k) != v]
-    if diff:
-        raise ConfigError(f"checkpoint {path} has a different model: {'; '.join(diff)}")
 
 
 def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.device):
@@ -109,33 +61,19 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
 
 
 def resume(cfg: Config, trainer: Trainer, loader: ShardedLoader, ckpt_dir: str, rank: int, world: int) -> None:
-    """Load the newest usable checkpoint (falling back to older ones if one cannot be read)."""
-    for url in resume_candidates(cfg, ckpt_dir):
-        check_model_matches(cfg, yaml.safe_load(read_config(url)), url)
-        try:
-            ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer)
-        except Exception as e:  # noqa: BLE001 - DCP raises the same error on every rank, so all fall back
-            D.warn0(f"checkpoint {url} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                    "trying an older one")
-            continue
-        trainer.load_train_state(ck["train_state"])
-        loader.load_state_dict(ck["train_state"]["loader"])
-        if ck["rng"] is not None and ck["meta"].get("world_size") == world:
-            set_rng_state(ck["rng"])
-        else:  # another world size: derive each rank's RNG from (seed, step, rank), deterministically
-            D.seed_everything(D.rank_seed(cfg.train.seed + trainer.state.step, rank))
-        D.print0(f"resumed from {url} at step {trainer.state.step} ({trainer.state.tokens_seen:,} tokens seen; "
-                 f"written by {ck['meta'].get('world_size')} rank(s), now {world})")
-        return
-    D.seed_everything(D.rank_seed(cfg.train.seed, rank))  # fresh start: dropout differs per rank, reproducibly
+    """Load the newest usable checkpoint, model + optimizer + counters + the loader's position."""
+    resume_run(cfg, trainer, ckpt_dir, rank, world, lambda ts: loader.load_state_dict(ts["loader"]))
 
 
 def main(cfg: Config) -> int:
     """Run pretraining; returns the process exit code."""
     with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
         out_dir = Path(cfg.out_dir)
-        tok = load_tokenizer(resolve_path(cfg.tokenizer.name) if cfg.tokenizer.name not in ("byte", "gpt2")
-                             else cfg.tokenizer.name)
+        try:
+            tok = load_tokenizer(resolve_path(cfg.tokenizer.name) if cfg.tokenizer.name not in ("byte", "gpt2")
+                                 else cfg.tokenizer.name)
+        except ValueError as e:  # an unknown name or missing path: a config problem, said in one line
+            raise ConfigError(str(e)) from None
         resolve_vocab(cfg, tok)
         data_dir = prepare_data(cfg, tok)
         t = cfg.train

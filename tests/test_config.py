@@ -79,3 +79,15 @@ def test_launcher_rejects_bad_config_before_touching_anything(tmp_path: Path) ->
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["config error: optim.lr: expected a positive number, got -0.1"]
     assert not out.exists()
+
+
+def test_bad_input_found_after_start_up_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.txt"
+    p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={tmp_path / 'run'}",
+                      f"data.source={missing}", f"data.dir={tmp_path / 'data'}"], check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == f"error: {missing}: input file not found"
+    p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={tmp_path / 'run'}",
+                      "tokenizer.name=gtp2"], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        "error: tokenizer.name: unknown tokenizer 'gtp2'")
