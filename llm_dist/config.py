@@ -185,6 +185,23 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (launch/sft.py): chat-formatted examples, loss on response tokens only."""
+
+    data: str = ""  # training JSONL: {"prompt","response"}, {"messages":[{"role","content"}...]} or {"question","answer"} rows
+    eval_data: str = ""  # held-out JSONL; "" = hold out sft.eval_fraction of sft.data
+    eval_fraction: float = 0.05  # share of sft.data held out when sft.eval_data is ""
+    init_from: str = ""  # checkpoint (or run dir) whose weights start the run; "" = random init
+    pack: bool = True  # pack several examples per sequence, attention confined to each example
+    curriculum: str = "none"  # none (seeded shuffle each epoch) | length (short first) | difficulty (sft.difficulty_field ascending)
+    difficulty_field: str = "difficulty"  # the numeric row field sft.curriculum=difficulty sorts by
+    answer: str = "exact"  # exact-match eval compares: exact (whole response) | gsm8k (the number after ####) | last_number
+    eval_examples: int = 64  # held-out examples decoded greedily per exact-match evaluation (0 = none)
+    eval_batch_size: int = 16  # prompts per batched generate call during evaluation
+    max_new_tokens: int = 64  # generation budget of the exact-match evaluation
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -198,6 +215,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def validate(self, world_size: int = 1) -> "Config":
         """Check every invariant; raise ConfigError naming the key. Returns self for chaining."""
@@ -560,3 +578,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive("eval.top_k", cfg.eval.top_k, allow_zero=True)
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a run directory, got ''")
+    _validate_sft(cfg.sft)
+
+
+def _validate_sft(s: SFTConfig) -> None:
+    """sft.* invariants (checked for every stage; the defaults are valid)."""
+    if not 0.0 <= s.eval_fraction < 1.0:
+        raise ConfigError(f"sft.eval_fraction: expected a value in [0, 1), got {s.eval_fraction}")
+    _choice("sft.curriculum", s.curriculum, ("none", "length", "difficulty"))
+    _choice("sft.answer", s.answer, ("exact", "gsm8k", "last_number"))
+    _positive("sft.eval_examples", s.eval_examples, allow_zero=True)
+    _positive("sft.eval_batch_size", s.eval_batch_size)
+    _positive("sft.max_new_tokens", s.max_new_tokens)
+    if s.curriculum == "difficulty" and not s.difficulty_field:
+        raise ConfigError("sft.curriculum=difficulty needs sft.difficulty_field (the row field to sort by)")

@@ -1,0 +1,139 @@
+"""Supervised fine-tuning stage: chat-formatted examples, loss on response tokens, packed rows.
+
+`main(cfg)` follows the pretraining stage's wiring: runtime -> tokenizer (+ chat tokens) -> examples ->
+model (architecture and weights from `sft.init_from`, vocabulary grown for the chat tokens) -> trainer
+(with `packed_lm_loss`) -> resume (model, optimizer, counters, RNG and the loader's exact position) ->
+`fit` with held-out loss and greedy exact-match evaluation -> checkpoints through the same manager.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+
+from llm_dist import distributed as D
+from llm_dist.checkpoint import CheckpointManager, load_checkpoint_tokenizer
+from llm_dist.config import Config, ConfigError
+from llm_dist.model.transformer import model_summary
+from llm_dist.parallel import build_parallel_model
+from llm_dist.sft.chat import END, Conversation, DataError, add_chat_tokens, read_jsonl
+from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
+from llm_dist.sft.evaluate import exact_match
+from llm_dist.sft.packing import enable_packing, packed_lm_loss
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, checkpoint_model_config,
+                             init_from_checkpoint, resolve_checkpoint_url, resolve_path, resolve_vocab, resume_run,
+                             write_run_config)
+from llm_dist.tokenizer import Tokenizer
+from llm_dist.train.logger import MetricsLogger
+from llm_dist.train.loop import fit
+from llm_dist.train.throughput import Throughput, peak_flops
+from llm_dist.train.trainer import NonFiniteError, Trainer, resolve_dtype
+
+
+def split_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held-out): sft.eval_data if given, else a seeded sft.eval_fraction of sft.data."""
+    s = cfg.sft
+    if not s.data:
+        raise ConfigError("sft.data: expected a JSONL file of training examples, got ''")
+    field = s.difficulty_field if s.curriculum == "difficulty" else ""
+    train = read_jsonl(resolve_path(s.data), field)
+    if s.eval_data:
+        return train, read_jsonl(resolve_path(s.eval_data), field)
+    n_eval = int(len(train) * s.eval_fraction)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    held = set(perm[:n_eval])
+    return [c for i, c in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def setup_model_and_tokenizer(cfg: Config) -> tuple[Tokenizer, str | None, int]:
+    """The chat tokenizer, the init checkpoint URL (or None) and the checkpoint's vocabulary size.
+
+    With sft.init_from the tokenizer and the architecture are the checkpoint's (the YAML's model section
+    is replaced, except the vocabulary, which grows by the chat tokens).
+    """
+    url = resolve_checkpoint_url(cfg.sft.init_from) if cfg.sft.init_from else None
+    if url is None:
+        tok = add_chat_tokens(build_tokenizer(cfg))
+        resolve_vocab(cfg, tok)
+        return tok, None, 0
+    base = load_checkpoint_tokenizer(url)
+    tok = add_chat_tokens(base)
+    saved = checkpoint_model_config(url)
+    saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
+    saved.dropout = cfg.model.dropout  # fine-tuning may choose its own dropout
+    old_vocab = checkpoint_model_config(url).vocab_size
+    cfg.model = saved
+    return tok, url, old_vocab
+
+
+def main(cfg: Config) -> int:
+    """Run SFT; returns the process exit code (as pretraining: 0, EXIT_REQUEUE, EXIT_NONFINITE)."""
+    try:
+        train_convs, eval_convs = split_conversations(cfg)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+        out_dir = Path(cfg.out_dir)
+        tok, init_url, _ = setup_model_and_tokenizer(cfg)
+        t, s = cfg.train, cfg.sft
+        seq_len = cfg.model.block_size
+        train_ex, cut, dropped = tokenize(tok, train_convs, seq_len)
+        eval_ex, _, _ = tokenize(tok, eval_convs, seq_len)
+        end_id = tok.special_tokens[END]
+        loader = SFTLoader(train_ex, seq_len, t.batch_size, t.micro_batch_size, rt.rank, rt.world_size,
+                           seed=t.seed, pack=s.pack, curriculum=s.curriculum, pad_id=end_id, device=rt.device)
+        D.print0(f"sft data: {len(train_ex)} train / {len(eval_ex)} held-out examples ({cut} cut to "
+                 f"{seq_len + 1} tokens, {dropped} dropped with no response left); {loader}")
+
+        amp_dtype = resolve_dtype(t.dtype, rt.device)
+        pm = build_parallel_model(cfg, rt, amp_dtype)
+        if s.pack:
+            enable_packing(pm.model)
+        D.print0(f"{rt.world_size} rank(s) on {rt.device}, strategy {pm.strategy}; {model_summary(pm.model)}")
+        trainer = Trainer(cfg, rt, pm, loss_fn=packed_lm_loss, amp_dtype=amp_dtype)
+        ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
+        ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
+        resumed = resume_run(cfg, trainer, ckpt_dir, rt.rank, rt.world_size,
+                             lambda ts: loader.load_state_dict(ts["loader"]))
+        if resumed is None and init_url is not None:
+            init_from_checkpoint(pm.model, init_url, cfg.model.vocab_size)
+        trainer.pre_step_hooks.append(ckpt.wait_staged)
+        write_run_config(cfg, out_dir)
+        logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp), rt.world_size)
+        items = eval_prompts(tok, eval_convs[: s.eval_examples])
+        eval_batches = loader.eval_batches(eval_ex, max_rows=cfg.eval.steps * t.batch_size) if eval_ex else []
+
+        def save() -> None:
+            ckpt.save(trainer.state.step, trainer.model_optim_state(),
+                      {**trainer.train_state(), "loader": loader.state_dict()}, cfg.to_yaml(), tok, tok.name,
+                      meta={"tokens_seen": trainer.state.tokens_seen, "strategy": pm.strategy, "stage": "sft"})
+
+        def evaluate() -> dict[str, float]:
+            out: dict[str, float] = {}
+            if eval_batches:
+                out["val/loss"] = trainer.evaluate(eval_batches)
+            if items:
+                acc, replies = exact_match(pm.model, tok, items, s.answer, s.max_new_tokens, s.eval_batch_size,
+                                           end_id, lockstep=pm.sharded)
+                out["val/exact_match"] = acc
+                if replies:
+                    D.print0(f"  e.g. {eval_convs[0].messages[-2]['content'][:60]!r} -> {replies[0][:80]!r}")
+            return out
+
+        try:
+            reason = fit(trainer, loader, logger=logger, throughput=throughput, save_checkpoint=save, poll=ckpt.poll,
+                         evaluate=evaluate, seq_len=seq_len)
+            ckpt.close()
+        except NonFiniteError as e:
+            D.print0(f"error: {e}")
+            return EXIT_NONFINITE
+        finally:
+            logger.close()
+        D.print0(f"sft {reason} at step {trainer.state.step}; run directory: {out_dir}")
+        if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
+            return EXIT_REQUEUE
+        return 0

@@ -1,0 +1,166 @@
+"""Helpers every training stage shares (pretraining, SFT, RL): paths, vocabulary, resuming, run setup.
+
+Moved out of `llm_dist/pretrain.py` so that the post-training stages reuse the exact same resume logic
+(newest verified checkpoint first, fall back to older ones, RNG restored or re-derived) instead of a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from llm_dist import distributed as D
+from llm_dist.checkpoint import find_latest, list_checkpoints, load_checkpoint, read_config, set_rng_state, verify
+from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
+from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.train.trainer import Trainer
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's signal, checkpoint saved, resubmit me
+EXIT_NONFINITE = 3
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(p: str) -> str:
+    """Relative paths resolve against the current directory, else the repository root (bundled data)."""
+    if "://" in p or Path(p).is_absolute() or Path(p).exists() or any(c in p for c in "*?["):
+        return p
+    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else p
+
+
+def build_tokenizer(cfg: Config) -> Tokenizer:
+    """tokenizer.name -> Tokenizer ('byte', 'gpt2', or a file/folder resolved like any bundled path)."""
+    name = cfg.tokenizer.name
+    return load_tokenizer(resolve_path(name) if name not in ("byte", "gpt2") else name)
+
+
+def resolve_vocab(cfg: Config, tok: Tokenizer) -> None:
+    """model.vocab_size = 0 takes the tokenizer's; a smaller explicit value would drop ids."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than tokenizer "
+                          f"{cfg.tokenizer.name!r}'s {tok.vocab_size} ids")
+
+
+def resume_candidates(cfg: Config, ckpt_dir: str) -> list[str]:
+    """Checkpoints to try, newest first: every complete, verified one (auto), or the one named."""
+    r = cfg.checkpoint.resume
+    if r == "never":
+        return []
+    if r == "auto":
+        latest = find_latest(ckpt_dir)  # reports incomplete/corrupt ones
+        if latest is None:
+            return []
+        complete, _ = list_checkpoints(ckpt_dir)
+        return [u for u in reversed(complete) if u <= latest and verify(u) is None]
+    problem = verify(r)
+    if problem is not None:
+        raise ConfigError(f"checkpoint.resume: {problem}")
+    return [r]
+
+
+def check_model_matches(cfg: Config, ckpt_config: dict, path: str) -> None:
+    """Resuming into a different architecture would fail deep inside load_state_dict; say it plainly."""
+    saved = ckpt_config.get("model", {})
+    mine = dataclasses.asdict(cfg.model)
+    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items()
+            if k not in ("dropout", "attn_impl", "preset") and saved.get(k) != v]
+    if diff:
+        raise ConfigError(f"checkpoint {path} has a different model: {'; '.join(diff)}")
+
+
+def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: int,
+               load_extra: Callable[[dict], None] | None = None) -> str | None:
+    """Load the newest usable checkpoint into `trainer` (falling back to older ones if one cannot be read).
+
+    `load_extra(train_state)` restores the stage's own resumable state (its data position, ...) from the
+    checkpoint's train_state.json. Returns the checkpoint URL, or None on a fresh start (RNG seeded per rank).
+    """
+    for url in resume_candidates(cfg, ckpt_dir):
+        check_model_matches(cfg, yaml.safe_load(read_config(url)), url)
+        try:
+            ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer)
+        except Exception as e:  # noqa: BLE001 - DCP raises the same error on every rank, so all fall back
+            D.warn0(f"checkpoint {url} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                    "trying an older one")
+            continue
+        trainer.load_train_state(ck["train_state"])
+        if load_extra is not None:
+            load_extra(ck["train_state"])
+        if ck["rng"] is not None and ck["meta"].get("world_size") == world:
+            set_rng_state(ck["rng"])
+        else:  # another world size: derive each rank's RNG from (seed, step, rank), deterministically
+            D.seed_everything(D.rank_seed(cfg.train.seed + trainer.state.step, rank))
+        D.print0(f"resumed from {url} at step {trainer.state.step} ({trainer.state.tokens_seen:,} tokens seen; "
+                 f"written by {ck['meta'].get('world_size')} rank(s), now {world})")
+        return url
+    D.seed_everything(D.rank_seed(cfg.train.seed, rank))  # fresh start: dropout differs per rank, reproducibly
+    return None
+
+
+def write_run_config(cfg: Config, out_dir: Path) -> None:
+    """Rank 0 writes the resolved config beside the checkpoints and metrics."""
+    if D.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+
+
+def resolve_checkpoint_url(path: str) -> str:
+    """A checkpoint dir, or a run / checkpoints dir whose newest complete checkpoint is meant."""
+    from llm_dist.sample import resolve_checkpoint  # local: sample imports the model package
+
+    try:
+        return resolve_checkpoint(resolve_path(path))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e).replace("--checkpoint", "init_from")) from None
+
+
+def checkpoint_model_config(url: str) -> ModelConfig:
+    """The model section of a checkpoint's resolved config."""
+    saved = Config()
+    apply_dict(saved, yaml.safe_load(read_config(url)))
+    return saved.model
+
+
+def resize_vocab_rows(sd: dict[str, torch.Tensor], old_vocab: int, new_vocab: int, new_padded: int) -> None:
+    """Grow the token embedding / LM head of a state dict from `old_vocab` to `new_vocab` ids, in place.
+
+    Rows of the new ids (e.g. chat special tokens) are set to the mean of the pretrained ids' rows
+    (Hewitt 2021): the new tokens then start as an "average" token, so their logits are neither huge nor
+    -inf and the pretrained distribution over old tokens barely moves. Padding rows past new_vocab are 0.
+    Rows the checkpoint already had (its own padding included) are kept only for ids < old_vocab.
+    """
+    for key in ("tok_emb.weight", "lm_head.weight"):
+        if key not in sd:
+            continue
+        w = sd[key]  # (old_padded, C)
+        out = torch.zeros(new_padded, w.shape[1], dtype=w.dtype)
+        out[:old_vocab] = w[:old_vocab]
+        out[old_vocab:new_vocab] = w[:old_vocab].mean(dim=0)
+        sd[key] = out
+
+
+def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> None:
+    """Initialise a built (maybe sharded) model with a checkpoint's weights, growing its vocabulary.
+
+    Every rank reads the full weights into CPU memory (collective under a process group), resizes them,
+    and loads them with `set_model_state_dict`, which shards them under FSDP.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from llm_dist.checkpoint.sharded import load_model_weights
+    from llm_dist.model.transformer import build_model, padded_vocab_size
+
+    old_cfg = checkpoint_model_config(url)
+    src = build_model(old_cfg, "cpu")
+    load_model_weights(src, url.rstrip("/") + "/dcp")
+    sd = src.state_dict()
+    if new_vocab != old_cfg.vocab_size:
+        resize_vocab_rows(sd, old_cfg.vocab_size, new_vocab, padded_vocab_size(new_vocab, old_cfg.vocab_multiple))
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+    D.print0(f"initialised from {url} (vocabulary {old_cfg.vocab_size} -> {new_vocab} ids; new rows = mean row)")
