@@ -1,0 +1,1 @@
+"""Reinforcement learning on the shared trainer: rollouts gathered across ranks, GRPO, checkable tasks."""
