@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -124,9 +125,19 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1
     return Runtime(env.rank, env.local_rank, env.world_size, dev, backend)
 
 
-def shutdown() -> None:
-    """Destroy the process group if one exists (idempotent)."""
+def shutdown(clean: bool = True) -> None:
+    """Destroy the process group if one exists (idempotent).
+
+    `clean` (every rank is exiting normally): a last barrier, then a short pause without the GIL, so gloo's
+    worker threads finish releasing the tensors of completed collectives first. ProcessGroupGloo's
+    destructor joins those threads while holding the GIL, and one still releasing a tensor needs the GIL:
+    a deadlock at exit, seen when DDP's reducer frees the group last (pytorch/pytorch#56297). On an error
+    path no barrier is attempted (a dead peer would make it hang).
+    """
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+            time.sleep(0.2)
         dist.destroy_process_group()
 
 
@@ -134,10 +145,12 @@ def shutdown() -> None:
 def runtime(device: str = "auto", backend: str = "auto") -> Iterator[Runtime]:
     """`with runtime() as rt:` — the process group is destroyed on every exit path."""
     rt = init_runtime(device, backend)
+    clean = False
     try:
         yield rt
+        clean = True
     finally:
-        shutdown()
+        shutdown(clean)
 
 
 def get_rank() -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,21 @@ def stream(cmd: list[str], on_line, timeout: float = 240) -> tuple[int, str]:
     """Run `cmd`, calling `on_line(line, proc)` for each output line; kill it all after `timeout` seconds."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    fired: list[bool] = []
+
+    def kill_all() -> None:  # torchrun starts its workers in sessions of their own: kill the whole tree
+        fired.append(True)
+        try:
+            tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        except psutil.Error:
+            return
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    watchdog = threading.Timer(timeout, kill_all)
     watchdog.start()
     out = []
     try:
@@ -49,7 +64,7 @@ def stream(cmd: list[str], on_line, timeout: float = 240) -> tuple[int, str]:
         rc = proc.wait()
     finally:
         watchdog.cancel()
-    if rc == -signal.SIGKILL and not watchdog.is_alive():
+    if fired:
         out.append(f"\n[killed by the test watchdog after {timeout}s]\n")
     return rc, "".join(out)
 

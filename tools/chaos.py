@@ -59,13 +59,26 @@ def _workers(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts workers in sessions of their own)."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def run_trial(args: argparse.Namespace, out_dir: Path, rng: random.Random) -> dict:
     """One chaotic run: `args.kills` SIGKILLs at random steps, or while a checkpoint is being written."""
     plan = sorted(rng.sample(range(2, args.steps), args.kills))
     during_save = [rng.random() < 0.5 for _ in plan]  # kill at "checkpoint saved"-time instead of a step line
     proc = subprocess.Popen(_cmd(args, out_dir, args.kills + 1), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    watchdog = threading.Timer(args.timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog = threading.Timer(args.timeout, lambda: _kill_tree(proc.pid))
     watchdog.start()
     done, events, log = 0, [], []
     t0 = time.time()
