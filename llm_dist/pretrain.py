@@ -9,7 +9,6 @@ after saving, so a scheduler script should resubmit; 3 halted on non-finite loss
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import torch
@@ -22,14 +21,14 @@ from llm_dist.data.prepare import ensure_prepared
 from llm_dist.model.generate import generate
 from llm_dist.model.transformer import Transformer, model_summary
 from llm_dist.parallel import build_parallel_model
-from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.loop import fit
 from llm_dist.train.throughput import Throughput, peak_flops
-from llm_dist.train.trainer import NonFiniteError, Trainer, resolve_dtype
+from llm_dist.train.trainer import Trainer, resolve_dtype
 # Shared with the other stages (llm_dist/stages.py); also importable from here, as before the move.
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, REPO_ROOT, check_model_matches,  # noqa: F401
-                             resolve_path, resolve_vocab, resume_candidates, resume_run)
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, REPO_ROOT, build_tokenizer,  # noqa: F401
+                             check_model_matches, resolve_path, resolve_vocab, resume_candidates, resume_run,
+                             run_fit, write_run_config)
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
@@ -69,11 +68,7 @@ def main(cfg: Config) -> int:
     """Run pretraining; returns the process exit code."""
     with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
         out_dir = Path(cfg.out_dir)
-        try:
-            tok = load_tokenizer(resolve_path(cfg.tokenizer.name) if cfg.tokenizer.name not in ("byte", "gpt2")
-                                 else cfg.tokenizer.name)
-        except ValueError as e:  # an unknown name or missing path: a config problem, said in one line
-            raise ConfigError(str(e)) from None
+        tok = build_tokenizer(cfg)
         resolve_vocab(cfg, tok)
         data_dir = prepare_data(cfg, tok)
         t = cfg.train
@@ -97,9 +92,7 @@ def main(cfg: Config) -> int:
         resume(cfg, trainer, loader, ckpt_dir, rt.rank, rt.world_size)
         trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish first
 
-        if D.is_main():  # the resolved config sits beside the checkpoints and metrics
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
         throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp), rt.world_size)
@@ -114,16 +107,5 @@ def main(cfg: Config) -> int:
             return {"val/loss": loss, "val/ppl": float(torch.tensor(loss).exp())}
 
         sample = make_sampler(pm.model, tok, cfg, rt.device)
-        try:
-            reason = fit(trainer, loader, logger=logger, throughput=throughput, save_checkpoint=save, poll=ckpt.poll,
-                         evaluate=evaluate, sample=sample if cfg.eval.sample_tokens else None, seq_len=seq_len)
-            ckpt.close()  # the end of training waits for the last background write
-        except NonFiniteError as e:
-            D.print0(f"error: {e}")
-            return EXIT_NONFINITE
-        finally:
-            logger.close()
-        D.print0(f"training {reason} at step {trainer.state.step}; run directory: {out_dir}")
-        if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
-            return EXIT_REQUEUE
-        return 0
+        return run_fit(trainer, loader, ckpt, logger, "training", out_dir, throughput=throughput, save_checkpoint=save,
+                       evaluate=evaluate, sample=sample if cfg.eval.sample_tokens else None, seq_len=seq_len)

@@ -35,7 +35,36 @@ def resolve_path(p: str) -> str:
 def build_tokenizer(cfg: Config) -> Tokenizer:
     """tokenizer.name -> Tokenizer ('byte', 'gpt2', or a file/folder resolved like any bundled path)."""
     name = cfg.tokenizer.name
-    return load_tokenizer(resolve_path(name) if name not in ("byte", "gpt2") else name)
+    try:
+        return load_tokenizer(resolve_path(name) if name not in ("byte", "gpt2") else name)
+    except ValueError as e:  # an unknown name or a missing path: a config problem, said in one line
+        raise ConfigError(str(e)) from None
+
+
+def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path, **fit_kwargs) -> int:  # noqa: ANN001
+    """Run the training loop, then wait for the last checkpoint write; returns the process exit code.
+
+    0 when finished (or stopped by Ctrl-C after saving); EXIT_REQUEUE when a scheduler's SIGTERM/SIGUSR1
+    stopped it after saving; EXIT_NONFINITE when it halted on NaN/Inf (the last checkpoint is left as is).
+    """
+    import signal
+
+    from llm_dist.train.loop import fit
+    from llm_dist.train.trainer import NonFiniteError
+
+    try:
+        reason = fit(trainer, data, logger=logger, save_checkpoint=fit_kwargs.pop("save_checkpoint"),
+                     poll=ckpt.poll, **fit_kwargs)
+        ckpt.close()  # the end of training waits for the last background write
+    except NonFiniteError as e:
+        D.print0(f"error: {e}")
+        return EXIT_NONFINITE
+    finally:
+        logger.close()
+    D.print0(f"{stage} {reason} at step {trainer.state.step}; run directory: {out_dir}")
+    if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
+        return EXIT_REQUEUE
+    return 0
 
 
 def resolve_vocab(cfg: Config, tok: Tokenizer) -> None:

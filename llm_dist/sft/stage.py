@@ -8,7 +8,6 @@ model (architecture and weights from `sft.init_from`, vocabulary grown for the c
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import torch
@@ -22,14 +21,13 @@ from llm_dist.sft.chat import END, Conversation, DataError, add_chat_tokens, rea
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, checkpoint_model_config,
+from llm_dist.stages import (build_tokenizer, checkpoint_model_config,
                              init_from_checkpoint, resolve_checkpoint_url, resolve_path, resolve_vocab, resume_run,
-                             write_run_config)
+                             write_run_config, run_fit)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.loop import fit
 from llm_dist.train.throughput import Throughput, peak_flops
-from llm_dist.train.trainer import NonFiniteError, Trainer, resolve_dtype
+from llm_dist.train.trainer import Trainer, resolve_dtype
 
 
 def split_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation]]:
@@ -124,16 +122,5 @@ def main(cfg: Config) -> int:
                     D.print0(f"  e.g. {eval_convs[0].messages[-2]['content'][:60]!r} -> {replies[0][:80]!r}")
             return out
 
-        try:
-            reason = fit(trainer, loader, logger=logger, throughput=throughput, save_checkpoint=save, poll=ckpt.poll,
-                         evaluate=evaluate, seq_len=seq_len)
-            ckpt.close()
-        except NonFiniteError as e:
-            D.print0(f"error: {e}")
-            return EXIT_NONFINITE
-        finally:
-            logger.close()
-        D.print0(f"sft {reason} at step {trainer.state.step}; run directory: {out_dir}")
-        if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
-            return EXIT_REQUEUE
-        return 0
+        return run_fit(trainer, loader, ckpt, logger, "sft", out_dir, throughput=throughput, save_checkpoint=save,
+                       evaluate=evaluate, seq_len=seq_len)
