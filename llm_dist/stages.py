@@ -93,12 +93,20 @@ def resume_candidates(cfg: Config, ckpt_dir: str) -> list[str]:
     return [r]
 
 
+# Model keys that change how the same parameters are computed, not which parameters exist: free to differ.
+_RUNTIME_MODEL_KEYS = ("dropout", "attn_impl", "preset", "ops")
+
+
 def check_model_matches(cfg: Config, ckpt_config: dict, path: str) -> None:
-    """Resuming into a different architecture would fail deep inside load_state_dict; say it plainly."""
-    saved = ckpt_config.get("model", {})
-    mine = dataclasses.asdict(cfg.model)
-    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items()
-            if k not in ("dropout", "attn_impl", "preset") and saved.get(k) != v]
+    """Resuming into a different architecture would fail deep inside load_state_dict; say it plainly.
+
+    The saved model config is read onto today's defaults, so a key the checkpoint predates counts as its
+    default value rather than as a difference.
+    """
+    saved = ModelConfig()
+    apply_dict(saved, ckpt_config.get("model", {}), "model.")
+    old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg.model)
+    diff = [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items() if k not in _RUNTIME_MODEL_KEYS and old[k] != v]
     if diff:
         raise ConfigError(f"checkpoint {path} has a different model: {'; '.join(diff)}")
 

@@ -91,3 +91,18 @@ def test_bad_input_found_after_start_up_is_one_line(tmp_path: Path) -> None:
                       "tokenizer.name=gtp2"], check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         "error: tokenizer.name: unknown tokenizer 'gtp2'")
+
+
+def test_resume_model_check_reads_old_configs_onto_defaults() -> None:
+    from llm_dist.stages import check_model_matches
+
+    cfg = load_config(None, ["model.vocab_size=257", "model.ops=scratch", "model.dropout=0.1"])
+    saved = {"model": {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("moe", "attn", "ops", "dropout")}}
+    check_model_matches(cfg, saved, "ck")  # keys the checkpoint predates count as defaults; ops/dropout may change
+    cfg.model.n_layer += 1
+    with pytest.raises(ConfigError, match=r"checkpoint ck has a different model: n_layer: 4 -> 5"):
+        check_model_matches(cfg, saved, "ck")
+    cfg.model.n_layer -= 1
+    cfg.model.moe.num_experts = 4
+    with pytest.raises(ConfigError, match=r"moe: .*'num_experts': 0.* -> .*'num_experts': 4"):
+        check_model_matches(cfg, saved, "ck")
