@@ -202,6 +202,31 @@ class SFTConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO (launch/grpo.py): G sampled completions per prompt, rewarded by a task; train.batch_size = prompts x G."""
+
+    task: str = "addition"  # addition | reverse | gsm8k (llm_dist/rl/tasks)
+    task_level: int = 3  # synthetic tasks: digits (addition) / max letters - 1 (reverse)
+    task_seed: int = 0  # synthetic tasks: which problems are drawn
+    data_dir: str = "data/gsm8k"  # gsm8k: folder with train.jsonl / test.jsonl
+    init_from: str = ""  # SFT/pretrain checkpoint (or run dir) for the policy and the reference; "" = random init
+    group_size: int = 8  # G: completions per prompt
+    max_new_tokens: int = 16  # completion budget (also Dr. GRPO's constant normaliser)
+    temperature: float = 1.0  # rollout sampling temperature (> 0)
+    top_k: int = 0  # rollout top-k; 0 = off
+    top_p: float = 1.0  # rollout nucleus; 1.0 = off
+    rollout_batch_size: int = 0  # samples per generate call; 0 = the rank's whole share (must divide it)
+    scale_rewards: str = "group"  # advantage scale: group (group std) | batch (batch std) | none (Dr. GRPO)
+    epsilon_low: float = 0.2  # ratio clip below: 1 - epsilon_low
+    epsilon_high: float = 0.2  # ratio clip above: 1 + epsilon_high (DAPO: 0.28)
+    beta: float = 0.0  # k3 KL-to-reference coefficient; 0 = no reference model is loaded
+    loss_agg: str = "grpo"  # grpo (per-sequence mean) | dr_grpo (sum / (N * max_new_tokens)) | dapo (token mean)
+    num_iterations: int = 1  # optimizer steps per rollout (old log-probs from rollout time when > 1)
+    eval_examples: int = 128  # held-out problems decoded greedily per evaluation (0 = none)
+    eval_batch_size: int = 64  # prompts per generate call in the evaluation
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -216,6 +241,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self, world_size: int = 1) -> "Config":
         """Check every invariant; raise ConfigError naming the key. Returns self for chaining."""
@@ -579,6 +605,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a run directory, got ''")
     _validate_sft(cfg.sft)
+    _validate_rl(cfg.rl)
 
 
 def _validate_sft(s: SFTConfig) -> None:
@@ -592,3 +619,24 @@ def _validate_sft(s: SFTConfig) -> None:
     _positive("sft.max_new_tokens", s.max_new_tokens)
     if s.curriculum == "difficulty" and not s.difficulty_field:
         raise ConfigError("sft.curriculum=difficulty needs sft.difficulty_field (the row field to sort by)")
+
+
+def _validate_rl(r: RLConfig) -> None:
+    """rl.* invariants (checked for every stage; the defaults are valid). How train.batch_size splits into
+    groups is checked by the GRPO stage itself (`llm_dist.rl.stage.check_batch`): other stages' batches need not."""
+    _choice("rl.task", r.task, ("addition", "reverse", "gsm8k"))
+    _positive("rl.task_level", r.task_level)
+    for key in ("group_size", "max_new_tokens", "num_iterations", "eval_batch_size"):
+        _positive(f"rl.{key}", getattr(r, key))
+    for key in ("top_k", "rollout_batch_size", "eval_examples", "beta"):
+        _positive(f"rl.{key}", getattr(r, key), allow_zero=True)
+    _positive("rl.temperature", r.temperature)
+    if not 0.0 < r.top_p <= 1.0:
+        raise ConfigError(f"rl.top_p: expected a value in (0, 1], got {r.top_p}")
+    if not 0.0 <= r.epsilon_low < 1.0:
+        raise ConfigError(f"rl.epsilon_low: expected a value in [0, 1), got {r.epsilon_low}")
+    _positive("rl.epsilon_high", r.epsilon_high, allow_zero=True)
+    _choice("rl.scale_rewards", r.scale_rewards, ("group", "batch", "none"))
+    _choice("rl.loss_agg", r.loss_agg, ("grpo", "dr_grpo", "dapo"))
+    if r.beta > 0 and not r.init_from:
+        raise ConfigError("rl.beta > 0 needs rl.init_from (the reference model is the initial checkpoint)")

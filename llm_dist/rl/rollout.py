@@ -1,6 +1,6 @@
 """Rollout plumbing: which samples a rank owns, completion batches, token log-probs, all-gathers.
 
-(The RL stage that generates, scores and calls these per step is not written yet; see the GRPO tests.)
+(The GRPO stage calls these per step: `llm_dist/rl/source.py`.)
 
 Sample layout: a step has P prompts x G completions = N samples, numbered s = p * G + g. Rank r owns the
 contiguous block s in [r * N / W, (r + 1) * N / W), so one group may span ranks. Rewards (and the
