@@ -107,5 +107,5 @@ def main(cfg: Config) -> int:
             return {"val/loss": loss, "val/ppl": float(torch.tensor(loss).exp())}
 
         sample = make_sampler(pm.model, tok, cfg, rt.device)
-        return run_fit(trainer, loader, ckpt, logger, "training", out_dir, throughput=throughput, save_checkpoint=save,
+        return run_fit(trainer, loader, ckpt, logger, "training", out_dir, save, throughput=throughput,
                        evaluate=evaluate, sample=sample if cfg.eval.sample_tokens else None, seq_len=seq_len)

@@ -41,8 +41,10 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
         raise ConfigError(str(e)) from None
 
 
-def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path, **fit_kwargs) -> int:  # noqa: ANN001
-    """Run the training loop, then wait for the last checkpoint write; returns the process exit code.
+def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # noqa: ANN001
+            save_checkpoint: Callable[[], None], **fit_kwargs) -> int:
+    """Run the training loop (`fit`, extra keyword arguments passed on), then wait for the last checkpoint
+    write; returns the process exit code.
 
     0 when finished (or stopped by Ctrl-C after saving); EXIT_REQUEUE when a scheduler's SIGTERM/SIGUSR1
     stopped it after saving; EXIT_NONFINITE when it halted on NaN/Inf (the last checkpoint is left as is).
@@ -53,8 +55,7 @@ def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path, **f
     from llm_dist.train.trainer import NonFiniteError
 
     try:
-        reason = fit(trainer, data, logger=logger, save_checkpoint=fit_kwargs.pop("save_checkpoint"),
-                     poll=ckpt.poll, **fit_kwargs)
+        reason = fit(trainer, data, logger=logger, save_checkpoint=save_checkpoint, poll=ckpt.poll, **fit_kwargs)
         ckpt.close()  # the end of training waits for the last background write
     except NonFiniteError as e:
         D.print0(f"error: {e}")

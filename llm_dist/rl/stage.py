@@ -13,7 +13,6 @@ per completion token), clip_frac (share of tokens whose ratio was clipped), rati
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Sequence
 
@@ -31,14 +30,12 @@ from llm_dist.rl.source import RolloutSource, chat_prompt
 from llm_dist.rl.tasks import Task, get_task
 from llm_dist.sft.chat import END, add_chat_tokens
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, checkpoint_model_config,
-                             init_from_checkpoint, resolve_checkpoint_url, resolve_vocab, resume_run,
-                             write_run_config)
+from llm_dist.stages import (build_tokenizer, checkpoint_model_config, init_from_checkpoint,
+                             resolve_checkpoint_url, resolve_vocab, resume_run, run_fit, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.loop import fit
 from llm_dist.train.throughput import Throughput, peak_flops
-from llm_dist.train.trainer import Batch, NonFiniteError, Trainer, resolve_dtype
+from llm_dist.train.trainer import Batch, Trainer, resolve_dtype
 
 
 class GRPOTrainer(Trainer):
@@ -156,17 +153,6 @@ def main(cfg: Config) -> int:
 
         if resumed is None and items:  # the starting point, for before/after comparisons
             logger.log(0, evaluate(), prefix="eval  ")
-        try:
-            reason = fit(trainer, source, logger=logger, throughput=throughput, save_checkpoint=save, poll=ckpt.poll,
-                         evaluate=evaluate if items else None, seq_len=seq_len)
-            ckpt.close()
-        except NonFiniteError as e:
-            D.print0(f"error: {e}")
-            return EXIT_NONFINITE
-        finally:
-            logger.close()
-        D.print0(f"grpo {reason} at step {trainer.state.step}; run directory: {out_dir}")
-        if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
-            return EXIT_REQUEUE
-        return 0
+        return run_fit(trainer, source, ckpt, logger, "grpo", out_dir, save, throughput=throughput,
+                       evaluate=evaluate if items else None, seq_len=seq_len)
 

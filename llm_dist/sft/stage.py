@@ -122,5 +122,5 @@ def main(cfg: Config) -> int:
                     D.print0(f"  e.g. {eval_convs[0].messages[-2]['content'][:60]!r} -> {replies[0][:80]!r}")
             return out
 
-        return run_fit(trainer, loader, ckpt, logger, "sft", out_dir, throughput=throughput, save_checkpoint=save,
+        return run_fit(trainer, loader, ckpt, logger, "sft", out_dir, save, throughput=throughput,
                        evaluate=evaluate, seq_len=seq_len)
