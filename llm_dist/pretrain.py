@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import CheckpointManager
 from llm_dist.config import Config, ConfigError
 from llm_dist.data.loader import ShardedLoader
 from llm_dist.data.prepare import ensure_prepared
@@ -25,10 +24,8 @@ from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
-# Shared with the other stages (llm_dist/stages.py); also importable from here, as before the move.
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, REPO_ROOT, build_tokenizer,  # noqa: F401
-                             check_model_matches, resolve_path, resolve_vocab, resume_candidates, resume_run,
-                             run_fit, write_run_config)
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, open_checkpoints,  # noqa: F401
+                             resolve_path, resolve_vocab, run_fit, write_run_config)
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
@@ -59,11 +56,6 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
     return sample
 
 
-def resume(cfg: Config, trainer: Trainer, loader: ShardedLoader, ckpt_dir: str, rank: int, world: int) -> None:
-    """Load the newest usable checkpoint, model + optimizer + counters + the loader's position."""
-    resume_run(cfg, trainer, ckpt_dir, rank, world, lambda ts: loader.load_state_dict(ts["loader"]))
-
-
 def main(cfg: Config) -> int:
     """Run pretraining; returns the process exit code."""
     with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
@@ -87,10 +79,7 @@ def main(cfg: Config) -> int:
                  f"{pm.strategy}, activation checkpointing {cfg.parallel.ac}; {model_summary(pm.model)}")
         D.print0(f"data: {loader}")
         trainer = Trainer(cfg, rt, pm, amp_dtype=amp_dtype)
-        ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
-        ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
-        resume(cfg, trainer, loader, ckpt_dir, rt.rank, rt.world_size)
-        trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish first
+        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]))
 
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)

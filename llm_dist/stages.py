@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import find_latest, list_checkpoints, load_checkpoint, read_config, set_rng_state, verify
+from llm_dist.checkpoint import (CheckpointManager, find_latest, list_checkpoints, load_checkpoint, read_config,
+                                 set_rng_state, verify)
 from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
 from llm_dist.train.trainer import Trainer
@@ -139,6 +140,19 @@ def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: i
         return url
     D.seed_everything(D.rank_seed(cfg.train.seed, rank))  # fresh start: dropout differs per rank, reproducibly
     return None
+
+
+def open_checkpoints(cfg: Config, trainer: Trainer, out_dir: Path, load_extra: Callable[[dict], None],
+                     init_url: str | None = None) -> tuple[CheckpointManager, str | None]:
+    """The run's checkpoint manager, after resuming from its newest usable checkpoint (or, on a fresh start,
+    loading the weights of `init_url`). Returns (manager, the checkpoint resumed from or None)."""
+    ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
+    ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
+    resumed = resume_run(cfg, trainer, ckpt_dir, D.get_rank(), D.get_world_size(), load_extra)
+    if resumed is None and init_url is not None:
+        init_from_checkpoint(trainer.raw_model, init_url, cfg.model.vocab_size)
+    trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish before params change
+    return ckpt, resumed
 
 
 def write_run_config(cfg: Config, out_dir: Path) -> None:

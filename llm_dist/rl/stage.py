@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import CheckpointManager, load_checkpoint_tokenizer
+from llm_dist.checkpoint import load_checkpoint_tokenizer
 from llm_dist.config import Config, ConfigError
 from llm_dist.distributed import world_size_from_env
 from llm_dist.model.transformer import build_model, model_summary
@@ -30,8 +30,8 @@ from llm_dist.rl.source import RolloutSource, chat_prompt
 from llm_dist.rl.tasks import Task, get_task
 from llm_dist.sft.chat import END, add_chat_tokens
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import (build_tokenizer, checkpoint_model_config, init_from_checkpoint,
-                             resolve_checkpoint_url, resolve_vocab, resume_run, run_fit, write_run_config)
+from llm_dist.stages import (build_tokenizer, checkpoint_model_config, init_from_checkpoint, open_checkpoints,
+                             resolve_checkpoint_url, resolve_vocab, run_fit, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.throughput import Throughput, peak_flops
@@ -121,16 +121,11 @@ def main(cfg: Config) -> int:
         source = RolloutSource(cfg, task, tok, pm.model, ref, end_id, rt.rank, rt.world_size, rt.device,
                                lockstep=pm.sharded)
         trainer.source = source
-        ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
-        ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
-        resumed = resume_run(cfg, trainer, ckpt_dir, rt.rank, rt.world_size,
-                             lambda ts: source.load_state_dict(ts["rollout"]))
-        if resumed is None and init_url is not None:
-            init_from_checkpoint(pm.model, init_url, cfg.model.vocab_size)
+        ckpt, resumed = open_checkpoints(cfg, trainer, out_dir, lambda ts: source.load_state_dict(ts["rollout"]),
+                                         init_url)
         D.print0(f"grpo: task {task.name} (level {r.task_level}), {source.P} prompts x G={source.G} per step, "
                  f"beta {r.beta}{' (no reference model)' if ref is None else ''}, loss {r.loss_agg}, "
                  f"{r.num_iterations} iteration(s) per rollout")
-        trainer.pre_step_hooks.append(ckpt.wait_staged)
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")

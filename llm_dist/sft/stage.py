@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import CheckpointManager, load_checkpoint_tokenizer
+from llm_dist.checkpoint import load_checkpoint_tokenizer
 from llm_dist.config import Config, ConfigError
 from llm_dist.model.transformer import model_summary
 from llm_dist.parallel import build_parallel_model
@@ -21,9 +21,8 @@ from llm_dist.sft.chat import END, Conversation, DataError, add_chat_tokens, rea
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import (build_tokenizer, checkpoint_model_config,
-                             init_from_checkpoint, resolve_checkpoint_url, resolve_path, resolve_vocab, resume_run,
-                             write_run_config, run_fit)
+from llm_dist.stages import (build_tokenizer, checkpoint_model_config, open_checkpoints, resolve_checkpoint_url,
+                             resolve_path, resolve_vocab, run_fit, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.throughput import Throughput, peak_flops
@@ -91,13 +90,7 @@ def main(cfg: Config) -> int:
             enable_packing(pm.model)
         D.print0(f"{rt.world_size} rank(s) on {rt.device}, strategy {pm.strategy}; {model_summary(pm.model)}")
         trainer = Trainer(cfg, rt, pm, loss_fn=packed_lm_loss, amp_dtype=amp_dtype)
-        ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
-        ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
-        resumed = resume_run(cfg, trainer, ckpt_dir, rt.rank, rt.world_size,
-                             lambda ts: loader.load_state_dict(ts["loader"]))
-        if resumed is None and init_url is not None:
-            init_from_checkpoint(pm.model, init_url, cfg.model.vocab_size)
-        trainer.pre_step_hooks.append(ckpt.wait_staged)
+        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]), init_url)
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
