@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import yaml
 
-from llm_dist.checkpoint import find_latest, load_checkpoint_tokenizer, read_config, verify
+from llm_dist.checkpoint import load_checkpoint_tokenizer, read_config
+from llm_dist.checkpoint import resolve_checkpoint as find_checkpoint
 from llm_dist.checkpoint.sharded import load_model_weights
 from llm_dist.config import Config, ConfigError, apply_dict
 from llm_dist.distributed import pick_device
@@ -20,13 +20,10 @@ from llm_dist.tokenizer import Tokenizer
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint dir, or a run dir / checkpoints dir whose newest complete checkpoint is used."""
-    if verify(path) is None:
-        return path
-    for cand in (path, str(Path(path) / "checkpoints")):
-        latest = find_latest(cand, report=False) if "://" in cand or Path(cand).is_dir() else None
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"--checkpoint {path}: no complete checkpoint there (expected a step_N dir or a run dir)")
+    url = find_checkpoint(path)
+    if url is None:
+        raise FileNotFoundError(f"--checkpoint {path}: no complete checkpoint there (expected a step_N dir or a run dir)")
+    return url
 
 
 def load_model(path: str, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, Config]:

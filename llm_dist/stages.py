@@ -15,7 +15,7 @@ import yaml
 
 from llm_dist import distributed as D
 from llm_dist.checkpoint import (CheckpointManager, find_latest, list_checkpoints, load_checkpoint, read_config,
-                                 set_rng_state, verify)
+                                 resolve_checkpoint, set_rng_state, verify)
 from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
 from llm_dist.train.trainer import Trainer
@@ -164,12 +164,10 @@ def write_run_config(cfg: Config, out_dir: Path) -> None:
 
 def resolve_checkpoint_url(path: str) -> str:
     """A checkpoint dir, or a run / checkpoints dir whose newest complete checkpoint is meant."""
-    from llm_dist.sample import resolve_checkpoint  # local: sample imports the model package
-
-    try:
-        return resolve_checkpoint(resolve_path(path))
-    except FileNotFoundError as e:
-        raise ConfigError(str(e).replace("--checkpoint", "init_from")) from None
+    url = resolve_checkpoint(resolve_path(path))
+    if url is None:
+        raise ConfigError(f"init_from {path}: no complete checkpoint there (expected a step_N dir or a run dir)")
+    return url
 
 
 def checkpoint_model_config(url: str) -> ModelConfig:

@@ -130,6 +130,19 @@ def find_latest(ckpt_dir: str, report: bool = True) -> str | None:
     return None
 
 
+def resolve_checkpoint(path: str) -> str | None:
+    """`path` if it is a complete checkpoint, else the newest complete one under `path` (a checkpoints dir) or
+    under `path/checkpoints` (a run dir); None if there is none."""
+    if verify(path) is None:
+        return path
+    for cand in (str(path), _url(path, "checkpoints")):
+        fs, root = _fs(cand)
+        latest = find_latest(cand, report=False) if fs.isdir(root) else None
+        if latest is not None:
+            return latest
+    return None
+
+
 def read_json(url: str, name: str) -> dict:
     fs, root = _fs(url)
     return json.loads(fs.cat_file(posixpath.join(root, name)))

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from llm_dist.checkpoint import sharded
-from llm_dist.checkpoint.manager import COMPLETE, find_latest, read_json, verify
+from llm_dist.checkpoint.manager import COMPLETE, read_json, resolve_checkpoint, verify
 
 FORMATS = ("dcp", "safetensors", "pt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,11 +86,10 @@ def resolve(path: str) -> str:
         raise CheckpointToolError(f"{path}: no such file or directory ({_EXPECTED})")
     if _is_checkpoint_dir(path):
         return str(path).rstrip("/")
-    for cand in (str(path), _join(path, "checkpoints")):
-        latest = find_latest(cand, report=False) if fs.isdir(_fs(cand)[1]) else None
-        if latest is not None:
-            return latest
-    raise CheckpointToolError(f"{path}: no complete checkpoint there ({_EXPECTED})")
+    latest = resolve_checkpoint(str(path))
+    if latest is None:
+        raise CheckpointToolError(f"{path}: no complete checkpoint there ({_EXPECTED})")
+    return latest
 
 
 def detect_format(path: str) -> str:
