@@ -47,7 +47,8 @@ class Throughput:
     def __init__(self, flops_per_token: float, peak_flops_per_device: float | None, world_size: int) -> None:
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_per_device * world_size if peak_flops_per_device else None
-        self.resume()
+        self._time, self._tokens, self._steps = 0.0, 0, 0
+        self._t = time.perf_counter()
 
     def step(self, tokens: int) -> None:
         """Count one finished step (its last host sync has happened, so wall time is honest on CUDA)."""
@@ -68,5 +69,3 @@ class Throughput:
     def resume(self) -> None:
         """Restart the clock without counting the gap (evaluation and checkpoints are not training time)."""
         self._t = time.perf_counter()
-        if not hasattr(self, "_steps"):
-            self._time, self._tokens, self._steps = 0.0, 0, 0
