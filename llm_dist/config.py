@@ -74,6 +74,7 @@ class ModelConfig:
     attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | manual (explicit softmax reference)
     init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2*n_layer)
     ops: str = "torch"  # torch | scratch (hand-written Linear, Embedding, softmax, cross-entropy, AdamW, clipping)
+    score_head: bool = False  # add a scalar head (reward-model score / PPO value) beside the LM head; set by those stages
     attn: AttnConfig = field(default_factory=AttnConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -224,6 +225,40 @@ class RLConfig:
     num_iterations: int = 1  # optimizer steps per rollout (old log-probs from rollout time when > 1)
     eval_examples: int = 128  # held-out problems decoded greedily per evaluation (0 = none)
     eval_batch_size: int = 64  # prompts per generate call in the evaluation
+    reward_model: str = ""  # reward-model checkpoint (or run dir) that scores completions; "" = the task's reward
+
+
+@dataclass
+class RewardConfig:
+    """Reward model (launch/reward.py): a scalar head read at the last token, trained on preference pairs."""
+
+    data: str = ""  # training JSONL: {"prompt","chosen","rejected"[,"margin"]} or HH transcripts {"chosen","rejected"}
+    eval_data: str = ""  # held-out JSONL; "" = hold out reward.eval_fraction of reward.data
+    eval_fraction: float = 0.05  # share of reward.data held out when reward.eval_data is ""
+    init_from: str = ""  # backbone checkpoint (SFT/pretrain, or its run dir); "" = random init
+    loss: str = "bradley_terry"  # bradley_terry: -log sigmoid(r_c - r_r - m) | hinge: max(0, m - (r_c - r_r))
+    margin: float = 0.0  # m for rows without a "margin" field (0 = plain Bradley-Terry)
+    center_coef: float = 0.0  # weight of the centring term (r_c + r_r)^2 per pair: keeps rewards near 0
+    eval_pairs: int = 0  # held-out pairs per evaluation (0 = all)
+
+
+@dataclass
+class PPOConfig:
+    """PPO (launch/ppo.py): policy + value head; tasks and sampling from rl.*; train.batch_size = samples per rollout."""
+
+    kl_coef: float = 0.05  # per-token KL penalty coefficient in the reward (initial value when adaptive)
+    kl_estimator: str = "k1"  # k1: logp - ref | k3: exp(ref - logp) - (ref - logp) - 1
+    adaptive_kl: bool = False  # adapt kl_coef towards ppo.kl_target (Ziegler et al. 2019)
+    kl_target: float = 1.0  # adaptive controller: target KL per sequence (nats)
+    kl_horizon: int = 10000  # adaptive controller: horizon in samples
+    gamma: float = 1.0  # discount of GAE
+    lam: float = 0.95  # lambda of GAE
+    whiten_advantages: bool = True  # normalise advantages over the whole rollout (all ranks) to mean 0, std 1
+    cliprange: float = 0.2  # policy ratio clip: [1 - c, 1 + c]
+    cliprange_value: float = 0.2  # value clip around the rollout-time value; 0 = no value clipping
+    vf_coef: float = 0.1  # weight of the value loss
+    epochs: int = 4  # passes over each rollout
+    num_minibatches: int = 1  # optimizer steps per pass (each rank's share of a rollout splits into them)
 
 
 @dataclass
@@ -242,6 +277,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self, world_size: int = 1) -> "Config":
         """Check every invariant; raise ConfigError naming the key. Returns self for chaining."""
@@ -606,6 +643,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("out_dir: expected a run directory, got ''")
     _validate_sft(cfg.sft)
     _validate_rl(cfg.rl)
+    _validate_reward(cfg.reward)
+    _validate_ppo(cfg.ppo)
 
 
 def _validate_sft(s: SFTConfig) -> None:
@@ -640,3 +679,31 @@ def _validate_rl(r: RLConfig) -> None:
     _choice("rl.loss_agg", r.loss_agg, ("grpo", "dr_grpo", "dapo"))
     if r.beta > 0 and not r.init_from:
         raise ConfigError("rl.beta > 0 needs rl.init_from (the reference model is the initial checkpoint)")
+
+
+def _validate_reward(r: RewardConfig) -> None:
+    """reward.* invariants (checked for every stage; the defaults are valid)."""
+    if not 0.0 <= r.eval_fraction < 1.0:
+        raise ConfigError(f"reward.eval_fraction: expected a value in [0, 1), got {r.eval_fraction}")
+    _choice("reward.loss", r.loss, ("bradley_terry", "hinge"))
+    _positive("reward.margin", r.margin, allow_zero=True)
+    _positive("reward.center_coef", r.center_coef, allow_zero=True)
+    _positive("reward.eval_pairs", r.eval_pairs, allow_zero=True)
+
+
+def _validate_ppo(p: PPOConfig) -> None:
+    """ppo.* invariants (checked for every stage; the defaults are valid). How train.batch_size splits into
+    minibatches is checked by the PPO stage (`llm_dist.rl.ppo_stage.check_batch`)."""
+    _positive("ppo.kl_coef", p.kl_coef, allow_zero=True)
+    _choice("ppo.kl_estimator", p.kl_estimator, ("k1", "k3"))
+    _positive("ppo.kl_target", p.kl_target)
+    _positive("ppo.kl_horizon", p.kl_horizon)
+    for key in ("gamma", "lam"):
+        if not 0.0 <= getattr(p, key) <= 1.0:
+            raise ConfigError(f"ppo.{key}: expected a value in [0, 1], got {getattr(p, key)}")
+    if not 0.0 < p.cliprange < 1.0:
+        raise ConfigError(f"ppo.cliprange: expected a value in (0, 1), got {p.cliprange}")
+    _positive("ppo.cliprange_value", p.cliprange_value, allow_zero=True)
+    _positive("ppo.vf_coef", p.vf_coef, allow_zero=True)
+    _positive("ppo.epochs", p.epochs)
+    _positive("ppo.num_minibatches", p.num_minibatches)

@@ -170,6 +170,31 @@ def resolve_checkpoint_url(path: str) -> str:
     return url
 
 
+def setup_chat_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str | None]:
+    """The chat tokenizer and the init checkpoint URL (None: random init) of a post-training stage.
+
+    With `init_from` (a checkpoint or run dir) the tokenizer and the architecture are the checkpoint's:
+    cfg.model is replaced, except its dropout (a stage chooses its own) and the vocabulary, which grows by
+    the chat tokens when the checkpoint is a pretraining one without them. Without it, the configured
+    tokenizer plus the chat tokens and a randomly initialised model of cfg.model.
+    """
+    from llm_dist.checkpoint import load_checkpoint_tokenizer
+    from llm_dist.sft.chat import add_chat_tokens
+
+    if not init_from:
+        tok = add_chat_tokens(build_tokenizer(cfg))
+        resolve_vocab(cfg, tok)
+        return tok, None
+    url = resolve_checkpoint_url(init_from)
+    tok = add_chat_tokens(load_checkpoint_tokenizer(url))
+    saved = checkpoint_model_config(url)
+    saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
+    saved.dropout = cfg.model.dropout
+    saved.score_head = cfg.model.score_head  # the stage decides (reward model, PPO value), not the checkpoint
+    cfg.model = saved
+    return tok, url
+
+
 def checkpoint_model_config(url: str) -> ModelConfig:
     """The model section of a checkpoint's resolved config."""
     saved = Config()
@@ -212,5 +237,12 @@ def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> No
     sd = src.state_dict()
     if new_vocab != old_cfg.vocab_size:
         resize_vocab_rows(sd, old_cfg.vocab_size, new_vocab, padded_vocab_size(new_vocab, old_cfg.vocab_multiple))
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
-    D.print0(f"initialised from {url} (vocabulary {old_cfg.vocab_size} -> {new_vocab} ids; new rows = mean row)")
+    # The scalar head (reward score / PPO value) may exist on one side only: a new head keeps its fresh
+    # init (a policy or reward model started from an LM checkpoint); a head the target lacks is dropped.
+    has_head = getattr(model, "score_head", None) is not None
+    for k in [k for k in sd if k.startswith("score_head.") and not has_head]:
+        del sd[k]
+    fresh_head = has_head and "score_head.weight" not in sd
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=not fresh_head))
+    D.print0(f"initialised from {url} (vocabulary {old_cfg.vocab_size} -> {new_vocab} ids; new rows = mean row"
+             f"{'; scalar head freshly initialised' if fresh_head else ''})")

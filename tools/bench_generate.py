@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"generation benchmark: debug shape (2x64, 4 heads), context {args.block_size}, prompt {args.prompt_len}, "
           f"greedy, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
-    print(f"| batch | mode | new tokens | seconds | tokens/s | cache speed-up | same tokens |")
+    print("| batch | mode | new tokens | seconds | tokens/s | cache speed-up | same tokens |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['mode']} | {r['new_tokens']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "

@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n_ok = sum(r["recovered"] for r in rows)
     mid = sum(e["during_save"] for r in rows for e in r["events"])
-    print(f"\n| trials | kills | of them mid-checkpoint | recovered with equal parameters |")
-    print(f"|---:|---:|---:|---:|")
+    print("\n| trials | kills | of them mid-checkpoint | recovered with equal parameters |")
+    print("|---:|---:|---:|---:|")
     print(f"| {len(rows)} | {sum(len(r['events']) for r in rows)} | {mid} | {n_ok}/{len(rows)} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,8 @@ class Transformer(nn.Module):
         self.streaming = all(k == "local" for k in layer_kinds(cfg)) and cfg.pos_emb in ("rope", "none")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # A scalar per position: the reward model's score (read at the last token) or PPO's value.
+        self.score_head = make_linear(cfg, cfg.n_embd, 1) if cfg.score_head else None
         self.init_weights()
 
     # ---------------------------------------------------------------------------------- initialisation
@@ -142,6 +144,12 @@ class Transformer(nn.Module):
         self.norm_f.init_weights()
         if not cfg.tie_embeddings:
             normal_(self.lm_head.weight, std, generator)
+        if self.score_head is not None:
+            # Drawn last, so every other weight equals that of the same model without the head (a PPO
+            # reference built from the same seed is the initial policy). std 1/sqrt(C+1) as InstructGPT's RM.
+            normal_(self.score_head.weight, 1.0 / math.sqrt(cfg.n_embd + 1), generator)
+            if not self.score_head.bias.is_meta:
+                self.score_head.bias.zero_()
 
     # ----------------------------------------------------------------------------------------- forward
 
@@ -209,10 +217,25 @@ class Transformer(nn.Module):
         return self.norm_f(x)
 
     def forward(
-        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding."""
-        return self.lm_head(self.forward_hidden(idx, kv_cache, attn_mask))
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+        head: str = "lm",
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding.
+
+        head="score": the scalar head's output (B, T) in fp32 instead; head="both": (logits, scores).
+        Both go through this forward (not a side method) so FSDP's and DDP's hooks see the head's use.
+        """
+        h = self.forward_hidden(idx, kv_cache, attn_mask)  # (B, T, C)
+        if head == "lm":
+            return self.lm_head(h)
+        if self.score_head is None:
+            raise ValueError(f"head={head!r} needs a model built with model.score_head=true")
+        scores = self.score_head(h).squeeze(-1).float()  # (B, T)
+        if head == "score":
+            return scores
+        if head == "both":
+            return self.lm_head(h), scores
+        raise ValueError(f"head must be lm | score | both, got {head!r}")
 
     def extra_metrics(self) -> dict[str, float]:
         """Model-specific training metrics of the latest forward (MoE routing statistics; {} if dense)."""

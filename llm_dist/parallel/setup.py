@@ -80,11 +80,21 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | 
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
 
 
-def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype) -> ParallelModel:
-    """Construct, wrap, shard and initialise the model for `parallel.strategy` (seeded by `train.seed`)."""
+def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype, frozen: tuple[str, ...] = ()
+                         ) -> ParallelModel:
+    """Construct, wrap, shard and initialise the model for `parallel.strategy` (seeded by `train.seed`).
+
+    `frozen`: parameter names that get no gradient (e.g. a reward model's unused, untied LM head). They
+    are frozen before DDP is built, which otherwise waits for their gradients and fails.
+    """
     strategy = resolve_strategy(cfg.parallel.strategy, rt.world_size)
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    params = dict(model.named_parameters())
+    for name in frozen:
+        if name not in params:
+            raise KeyError(f"cannot freeze {name!r}: the model has no such parameter")
+        params[name].requires_grad_(False)
     apply_activation_checkpointing(model.blocks, cfg.parallel)
     sharded = strategy in ("fsdp", "hsdp")
     if cfg.train.compile:

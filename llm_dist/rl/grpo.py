@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from llm_dist import distributed as D
 from llm_dist.rl.rollout import token_logprobs
 from llm_dist.train.trainer import IGNORE_INDEX, Batch
 
@@ -92,6 +93,15 @@ class GRPOLoss:
         self.eps_low, self.eps_high, self.beta = eps_low, eps_high, beta
         self.num_iterations = num_iterations
         self.stats = torch.zeros(4, dtype=torch.float64)  # this step: sum(m*kl), sum(m*clipped), sum(m*ratio), sum(m)
+
+    def reset_stats(self) -> None:
+        self.stats.zero_()
+
+    def step_stats(self, device: torch.device) -> dict[str, float]:
+        """The step's kl, clip fraction and mean ratio per completion token, over every rank (collective)."""
+        s = D.all_reduce_sum(self.stats.to(device)).tolist()
+        n = max(s[3], 1.0)
+        return {"kl": s[0] / n, "clip_frac": s[1] / n, "ratio": s[2] / n}
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, old, ref, adv, w = batch

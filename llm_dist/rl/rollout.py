@@ -44,13 +44,16 @@ def sequence_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
     return x, y
 
 
+def logprobs_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[y] per target (n, T), 0 where y is IGNORE_INDEX; fp32 (logits (n, T, V_padded))."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    out = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n, T)
+    return out * (y != IGNORE_INDEX)
+
+
 def token_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """log pi(y_t | x_<=t) for each target (n, T), 0 where y is IGNORE_INDEX; fp32 log-softmax."""
-    logits = model(x)  # (n, T, V_padded); padded columns are never targets
-    logp = F.log_softmax(logits.float(), dim=-1)
-    mask = y != IGNORE_INDEX
-    out = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n, T)
-    return out * mask
+    return logprobs_from_logits(model(x), y)
 
 
 def all_gather_cat(local: torch.Tensor) -> torch.Tensor:

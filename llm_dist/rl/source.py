@@ -23,6 +23,7 @@ policy for its remaining iterations and says so.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,6 +37,7 @@ from llm_dist.rl.grpo import aggregation_weights, group_advantages
 from llm_dist.rl.rollout import all_gather_cat, my_samples, sequence_batch
 from llm_dist.rl.tasks import Task
 from llm_dist.rl.tasks.base import TaskItem, stable_hash
+from llm_dist.reward.model import score_sequences
 from llm_dist.sft.chat import prompt_ids
 from llm_dist.sft.evaluate import complete
 from llm_dist.tokenizer import Tokenizer
@@ -55,12 +57,23 @@ def logprobs_and_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, voc
     The log-probs are `token_logprobs`' exactly (log-softmax over the padded logits, as the loss computes
     them, so the first iteration's ratio is 1); the entropy is over the true vocabulary that sampling uses.
     """
-    logits = model(x).float()  # (n, T, V_padded)
+    return split_logprobs_entropy(model(x), y, vocab)
+
+
+def split_logprobs_entropy(logits: torch.Tensor, y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_and_entropy` from given logits (n, T, V_padded)."""
+    logits = logits.float()
     mask = y != IGNORE_INDEX
     logp = F.log_softmax(logits, dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
     true = F.log_softmax(logits[..., :vocab], dim=-1)  # (n, T, V)
     ent = -(true.exp() * true).sum(-1) * mask
     return logp, ent
+
+
+def timing(t_generate: float, t_score: float, global_tokens: int) -> dict[str, float]:
+    """Where a rollout's time went on this rank: sampling, then scoring (rewards, policy/reference/value
+    forwards, advantages); gen_tok_per_s = completion tokens of all ranks per second of sampling."""
+    return {"time_generate": t_generate, "time_score": t_score, "gen_tok_per_s": global_tokens / max(t_generate, 1e-9)}
 
 
 @dataclass
@@ -75,9 +88,11 @@ class RolloutSource:
     """`next_batch()` -> this rank's micro-batches of the current GRPO step (see the module docstring)."""
 
     def __init__(self, cfg: Config, task: Task, tok: Tokenizer, policy: nn.Module, ref: nn.Module | None,
-                 stop_id: int, rank: int, world: int, device: torch.device, lockstep: bool = False) -> None:
+                 stop_id: int, rank: int, world: int, device: torch.device, lockstep: bool = False,
+                 reward_model: nn.Module | None = None) -> None:
         self.cfg, self.task, self.tok = cfg, task, tok
         self.policy, self.ref = policy, ref  # bare models: generation and no-grad scoring
+        self.reward_model = reward_model  # frozen scorer (rl.reward_model); None: the task's reward function
         self.stop_id, self.rank, self.world, self.device, self.lockstep = stop_id, rank, world, device, lockstep
         r, t = cfg.rl, cfg.train
         self.G = r.group_size
@@ -87,6 +102,7 @@ class RolloutSource:
         self.chunk = r.rollout_batch_size or len(self.mine)
         if len(self.mine) % self.chunk:
             raise ConfigError(f"rl.rollout_batch_size={self.chunk} must divide this rank's {len(self.mine)} samples")
+        self.steps_per_rollout = r.num_iterations  # optimizer steps each rollout feeds
         self.prompt_pos = 0  # global: prompts consumed by all finished rollouts
         self.rollouts = 0  # rollouts generated
         self.iteration = 0  # optimizer steps already taken on the current rollout
@@ -95,16 +111,20 @@ class RolloutSource:
 
     # ------------------------------------------------------------------------------------ the loop API
     def next_batch(self) -> list[Batch]:
-        mu = self.cfg.rl.num_iterations
-        if self.current is None or self.iteration >= mu:
+        if self.current is None or self.iteration >= self.steps_per_rollout:
             if self.current is not None:  # the previous rollout is used up
                 self.prompt_pos += self.P
                 self.rollouts += 1
                 self.iteration = 0
             self.current = self.make_rollout(self.rollouts, self.prompt_pos)
+        batch = self.batch_for(self.current, self.iteration)
         self.iteration += 1
         self.last_stats = self.current.stats
-        return self.current.micro_batches
+        return batch
+
+    def batch_for(self, rollout: Rollout, iteration: int) -> list[Batch]:
+        """This rank's micro-batches for optimizer step `iteration` of a rollout (GRPO: the whole rollout)."""
+        return rollout.micro_batches
 
     def set_global_batch(self, global_batch: int) -> None:
         if global_batch != self.N:
@@ -112,7 +132,7 @@ class RolloutSource:
 
     def state_dict(self) -> dict:
         # A used-up rollout counts as finished, so a resume starts the next one (as the uninterrupted run).
-        done = self.current is not None and self.iteration >= self.cfg.rl.num_iterations
+        done = self.current is not None and self.iteration >= self.steps_per_rollout
         return {"prompt_pos": self.prompt_pos + (self.P if done else 0), "rollouts": self.rollouts + int(done),
                 "iteration": 0 if done else self.iteration}
 
@@ -120,8 +140,8 @@ class RolloutSource:
         self.prompt_pos, self.rollouts, self.iteration = sd["prompt_pos"], sd["rollouts"], sd["iteration"]
         self.current = None
         if self.iteration:  # inside a reused rollout: its old policy is gone, regenerate under the current one
-            D.warn0(f"resumed inside rollout {self.rollouts} (iteration {self.iteration} of "
-                    f"{self.cfg.rl.num_iterations}); regenerating it under the resumed policy")
+            D.warn0(f"resumed inside rollout {self.rollouts} (step {self.iteration} of "
+                    f"{self.steps_per_rollout}); regenerating it under the resumed policy")
             self.current = self.make_rollout(self.rollouts, self.prompt_pos)
 
     # ---------------------------------------------------------------------------------------- rollouts
@@ -142,14 +162,26 @@ class RolloutSource:
                             lockstep=self.lockstep, pad_id=self.stop_id)
         return out
 
+    def score(self, items: Sequence[TaskItem], prompts: Sequence[list[int]], comps: Sequence[list[int]]
+              ) -> torch.Tensor:
+        """Rewards (n,) fp32: the task's rule on the decoded text, or the reward model read at the closing
+        <|end|> (appended when the completion ran out of tokens, so every sequence is read at the same token)."""
+        if self.reward_model is None:
+            texts = [self.tok.decode([i for i in c if i != self.stop_id]) for c in comps]
+            return torch.tensor([self.task.reward(t, it) for t, it in zip(texts, items)], dtype=torch.float32)
+        seqs = [p + c + ([] if c and c[-1] == self.stop_id else [self.stop_id]) for p, c in zip(prompts, comps)]
+        return score_sequences(self.reward_model, seqs, pad_id=self.stop_id,
+                               batch_size=self.cfg.train.micro_batch_size)
+
     def make_rollout(self, rollout: int, prompt_pos: int) -> Rollout:
         """Generate, score and prepare this rank's share of rollout `rollout` (collective: all-gathers)."""
         r, mb = self.cfg.rl, self.cfg.train.micro_batch_size
+        t0 = time.perf_counter()
         items = self.items(prompt_pos)
         prompts = [chat_prompt(self.tok, it) for it in items]
         comps = self.generate(prompts, rollout)
-        texts = [self.tok.decode([i for i in c if i != self.stop_id]) for c in comps]
-        rewards = torch.tensor([self.task.reward(t, it) for t, it in zip(texts, items)], dtype=torch.float32)
+        t_gen = time.perf_counter() - t0
+        rewards = self.score(items, prompts, comps)
         lengths = torch.tensor([len(c) for c in comps], dtype=torch.float32)
         all_r = all_gather_cat(rewards.to(self.device)).cpu()  # (N,) in sample order, every rank
         all_len = all_gather_cat(lengths.to(self.device)).cpu()  # (N,)
@@ -176,5 +208,6 @@ class RolloutSource:
         stats = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item() if self.N > 1 else 0.0,
                  "solved_groups": (group_r.max(1).values > 0).float().mean().item(),
                  "zero_var_groups": (group_r.std(1) == 0).float().mean().item(),
-                 "completion_len": all_len.mean().item(), "entropy": ent_all / max(n_tok, 1)}
+                 "completion_len": all_len.mean().item(), "entropy": ent_all / max(n_tok, 1),
+                 **timing(t_gen, time.perf_counter() - t0 - t_gen, n_tok)}
         return Rollout(batches, stats)

@@ -13,17 +13,14 @@ from pathlib import Path
 import torch
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import load_checkpoint_tokenizer
 from llm_dist.config import Config, ConfigError
 from llm_dist.model.transformer import model_summary
 from llm_dist.parallel import build_parallel_model
-from llm_dist.sft.chat import END, Conversation, DataError, add_chat_tokens, read_jsonl
+from llm_dist.sft.chat import END, Conversation, DataError, read_jsonl
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import (build_tokenizer, checkpoint_model_config, open_checkpoints, resolve_checkpoint_url,
-                             resolve_path, resolve_vocab, run_fit, write_run_config)
-from llm_dist.tokenizer import Tokenizer
+from llm_dist.stages import open_checkpoints, resolve_path, run_fit, setup_chat_model, write_run_config
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
@@ -44,27 +41,6 @@ def split_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversat
     return [c for i, c in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
 
-def setup_model_and_tokenizer(cfg: Config) -> tuple[Tokenizer, str | None, int]:
-    """The chat tokenizer, the init checkpoint URL (or None) and the checkpoint's vocabulary size.
-
-    With sft.init_from the tokenizer and the architecture are the checkpoint's (the YAML's model section
-    is replaced, except the vocabulary, which grows by the chat tokens).
-    """
-    url = resolve_checkpoint_url(cfg.sft.init_from) if cfg.sft.init_from else None
-    if url is None:
-        tok = add_chat_tokens(build_tokenizer(cfg))
-        resolve_vocab(cfg, tok)
-        return tok, None, 0
-    base = load_checkpoint_tokenizer(url)
-    tok = add_chat_tokens(base)
-    saved = checkpoint_model_config(url)
-    saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
-    saved.dropout = cfg.model.dropout  # fine-tuning may choose its own dropout
-    old_vocab = checkpoint_model_config(url).vocab_size
-    cfg.model = saved
-    return tok, url, old_vocab
-
-
 def main(cfg: Config) -> int:
     """Run SFT; returns the process exit code (as pretraining: 0, EXIT_REQUEUE, EXIT_NONFINITE)."""
     try:
@@ -73,7 +49,7 @@ def main(cfg: Config) -> int:
         raise ConfigError(str(e)) from None
     with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
         out_dir = Path(cfg.out_dir)
-        tok, init_url, _ = setup_model_and_tokenizer(cfg)
+        tok, init_url = setup_chat_model(cfg, cfg.sft.init_from)
         t, s = cfg.train, cfg.sft
         seq_len = cfg.model.block_size
         train_ex, cut, dropped = tokenize(tok, train_convs, seq_len)

@@ -9,6 +9,8 @@ A step takes this rank's micro-batches of one global batch and
   3. checks loss and gradient norm are finite (else skips the update or halts, `train.nonfinite`),
      unscales (fp16), clips the global gradient norm (sharded-aware), sets the scheduled lr, steps AdamW.
 Stages plug in their loss with `loss_fn(model, batch) -> (sum of per-token losses, number of targets)`.
+A loss that keeps statistics may also define `reset_stats()` (called before the step's micro-batches) and
+`step_stats(device) -> dict` (after them, on every rank: it may all-reduce), merged into the step's metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from llm_dist import distributed as D
@@ -168,6 +169,8 @@ class Trainer:
             raise RuntimeError(f"step {self.state.step}: the global batch has no target tokens")
         scale = self.rt.world_size / n_global  # DDP/FSDP average gradients over ranks; undo that into a sum
 
+        if hasattr(self.loss_fn, "reset_stats"):
+            self.loss_fn.reset_stats()
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         for i, mb in enumerate(micro_batches):
             with self._grad_sync(i == len(micro_batches) - 1):
@@ -196,6 +199,8 @@ class Trainer:
         metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens}
         if hasattr(self.raw_model, "extra_metrics"):  # MoE routing statistics of this rank's last micro-batch
             metrics.update(self.raw_model.extra_metrics())
+        if hasattr(self.loss_fn, "step_stats"):  # the loss's own statistics (collective: every rank calls it)
+            metrics.update(self.loss_fn.step_stats(dev))
 
         # With fp16 an inf gradient norm at a finite loss is the loss scale overflowing: GradScaler skips
         # that step and lowers the scale itself, so it is not a fault.

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llm_dist.model.layers import (
     MLP, LayerNorm, RMSNorm, RotaryEmbedding, apply_rope, mlp_hidden_size, rope_tables, sinusoidal_table,

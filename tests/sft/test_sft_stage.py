@@ -59,13 +59,12 @@ def test_init_from_pretrained_grows_vocab_with_mean_rows(tmp_path, prepared_byte
     from llm_dist.model.transformer import build_model
     from llm_dist.sample import resolve_checkpoint
     from llm_dist.sft.chat import add_chat_tokens
-    from llm_dist.sft.stage import setup_model_and_tokenizer
-    from llm_dist.stages import init_from_checkpoint
+    from llm_dist.stages import checkpoint_model_config, init_from_checkpoint, setup_chat_model
 
     cfg = Config()
     cfg.sft.init_from = str(tmp_path / "pre")
-    tok, url, old_vocab = setup_model_and_tokenizer(cfg)
-    assert url == resolve_checkpoint(str(tmp_path / "pre")) and old_vocab == 257
+    tok, url = setup_chat_model(cfg, cfg.sft.init_from)
+    assert url == resolve_checkpoint(str(tmp_path / "pre")) and checkpoint_model_config(url).vocab_size == 257
     assert cfg.model.n_layer == 2 and cfg.model.n_embd == 64 and cfg.model.vocab_size == 261 == tok.vocab_size
     assert tok.special_tokens == add_chat_tokens(tok).special_tokens
     model = build_model(cfg.model, "cpu")

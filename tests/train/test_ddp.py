@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from llm_dist.checkpoint import find_latest, read_json
 from tests.helpers import final_params, read_metrics, run_launcher
 

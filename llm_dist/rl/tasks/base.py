@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 
 
@@ -42,3 +43,18 @@ class Task:
     def sft_rows(self, n: int, start: int = 0) -> list[dict]:
         """A warm-up set: {"prompt", "response"} rows of train items with their reference answers."""
         return [{"prompt": it.prompt, "response": it.answer} for it in self.items("train", n, start)]
+
+    def wrong_answer(self, item: TaskItem, rng: random.Random) -> str:
+        """A plausible but wrong answer to `item` (the rejected side of a preference pair)."""
+        raise NotImplementedError
+
+    def preference_rows(self, n: int, start: int = 0, split: str = "train") -> list[dict]:
+        """{"prompt", "chosen", "rejected"} rows: the reference answer preferred to a wrong one.
+
+        Deterministic per (task, split, index), like the items, so a file can be regenerated exactly.
+        """
+        rows = []
+        for i, it in enumerate(self.items(split, n, start)):
+            rng = random.Random(stable_hash("preference", self.name, split, start + i))
+            rows.append({"prompt": it.prompt, "chosen": it.answer, "rejected": self.wrong_answer(it, rng)})
+        return rows

@@ -5,8 +5,10 @@ Train items are data/gsm8k/train.jsonl, eval items test.jsonl (MIT, see data/gsm
 
 from __future__ import annotations
 
+import random
+
 from llm_dist.rl.tasks.base import Task, TaskItem
-from llm_dist.sft.chat import answers_match, read_jsonl
+from llm_dist.sft.chat import answers_match, extract_answer, read_jsonl
 from llm_dist.stages import resolve_path
 
 
@@ -33,3 +35,12 @@ class GSM8KTask(Task):
 
     def reward(self, completion: str, item: TaskItem) -> float:
         return gsm8k_reward(completion, item.answer)
+
+    def wrong_answer(self, item: TaskItem, rng: random.Random) -> str:
+        """The reference solution with its final '#### n' changed to a nearby wrong number."""
+        want = extract_answer(item.answer, "gsm8k")
+        value = float(want) if want is not None else 0.0
+        wrong = value + rng.choice((-1, 1)) * rng.choice((1, 2, 10, max(1.0, abs(value) * 0.5)))
+        text = str(int(wrong)) if float(wrong).is_integer() else f"{wrong:.2f}"
+        head = item.answer.rsplit("####", 1)[0]
+        return f"{head}#### {text}"

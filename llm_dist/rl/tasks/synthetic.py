@@ -46,6 +46,14 @@ class AdditionTask(_Generated):
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         return TaskItem(f"{a}+{b}=", str(a + b))
 
+    def wrong_answer(self, item: TaskItem, rng: random.Random) -> str:
+        """The sum with one digit off (a dropped or extra carry is the usual mistake): never the true sum."""
+        digits = list(item.answer)
+        k = rng.randrange(len(digits))
+        digits[k] = str((int(digits[k]) + rng.choice((1, 9))) % 10)  # +-1 mod 10
+        wrong = "".join(digits).lstrip("0") or "0"
+        return wrong if wrong != item.answer else str(int(item.answer) + 1)
+
 
 class ReverseTask(_Generated):
     """'reverse: abc' -> 'cba'; 2..level+1 lowercase letters."""
@@ -56,3 +64,16 @@ class ReverseTask(_Generated):
         n = rng.randint(2, self.level + 1)
         s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
         return TaskItem(f"reverse: {s}", s[::-1])
+
+    def wrong_answer(self, item: TaskItem, rng: random.Random) -> str:
+        """The string not reversed, or reversed with two neighbouring letters swapped."""
+        s = item.answer
+        original = s[::-1]
+        if original != s and rng.random() < 0.5:
+            return original
+        for _ in range(8):
+            k = rng.randrange(len(s) - 1)
+            wrong = s[:k] + s[k + 1] + s[k] + s[k + 2:]
+            if wrong != s:
+                return wrong
+        return s + rng.choice("abcdefghijklmnopqrstuvwxyz")  # every neighbour pair equal: one letter too many

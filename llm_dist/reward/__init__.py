@@ -1,0 +1,1 @@
+"""Reward modelling: preference pairs, the Bradley-Terry / margin losses, the stage, and the frozen scorer."""

@@ -1,0 +1,217 @@
+"""Preference pairs: the accepted row formats, HH transcripts split at their common prefix, tokens, batches.
+
+Rows (JSONL, one object per line):
+  {"prompt", "chosen", "rejected"[, "margin"]}   prompt: a string (one user message) or a list of
+                                                  messages; chosen/rejected: the two responses (strings)
+  {"chosen", "rejected"[, "margin"]}              two whole transcripts sharing a prompt prefix
+                                                  (Anthropic HH: "\\n\\nHuman: ...\\n\\nAssistant: ...")
+A transcript pair is split at its common prefix, moved back to the end of the last "Assistant:" turn
+marker inside it (so a response that starts with the same word as the other keeps that word), or, with no
+markers, back to a whitespace boundary. HH prefixes become chat messages (Human -> user, Assistant ->
+assistant), so a reward model sees its input exactly as the chat policy writes it:
+
+    <|user|>What is 2+2?<|end|><|assistant|>4<|end|>        the score is read at the final <|end|>
+
+Sequences longer than the context keep their *last* tokens (the response and the token scored).
+Batches: B pairs per global batch, rank r takes its contiguous share; a micro-batch of m pairs is
+(x (2m, T): chosen rows then rejected rows, right-padded; y (m,): 0, or IGNORE_INDEX for padding pairs
+so the trainer counts pairs; last (2m,): index of each row's last token; margin (m,)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from llm_dist.sft.chat import END, ROLE_TOKENS, DataError, prompt_ids
+from llm_dist.sft.data import SFTLoader
+from llm_dist.tokenizer import Tokenizer
+from llm_dist.train.trainer import IGNORE_INDEX
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")  # HH turn markers
+_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class Pair:
+    """One preference: the conversation so far, the preferred and the other response, an optional margin."""
+
+    prompt: list[dict]  # messages before the response ([{"role", "content"}], last one a user message)
+    chosen: str
+    rejected: str
+    margin: float | None = None  # None: reward.margin
+    where: str = ""  # "file:line" for error messages
+
+
+def hh_messages(text: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c' -> user a, assistant b, user c (text before the first
+    marker, if any, is dropped; a trailing empty Assistant turn is the generation prompt, not a message)."""
+    parts = _TURN.split(text)  # [before, role, body, role, body, ...]
+    msgs = [{"role": _HH_ROLE[role], "content": body.strip()} for role, body in zip(parts[1::2], parts[2::2])]
+    if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+        msgs.pop()
+    return msgs
+
+
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(shared prompt, chosen response, rejected response) of two transcripts (see the module docstring)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    prefix = chosen[:n]
+    turns = list(re.finditer(r"\n\nAssistant:", prefix))
+    if turns:
+        n = turns[-1].end()
+    else:
+        while n > 0 and not chosen[n - 1].isspace():  # do not cut a word the two responses share
+            n -= 1
+    return chosen[:n], chosen[n:].strip(), rejected[n:].strip()
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    v = row.get(key)
+    if not isinstance(v, str):
+        raise DataError(f"{where}: key {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def row_to_pair(row: object, where: str) -> Pair:
+    """Normalise one JSON row into a Pair; DataError (one line) names the file:line and the key."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "chosen" not in row or "rejected" not in row:
+        raise DataError(f"{where}: expected keys 'chosen' and 'rejected' (and optionally 'prompt', 'margin'), "
+                        f"got {sorted(row)[:6]}")
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    if "prompt" in row:
+        p = row["prompt"]
+        if isinstance(p, str):
+            prompt = [{"role": "user", "content": p}]
+        elif isinstance(p, list) and p and all(isinstance(m, dict) and m.get("role") in ROLE_TOKENS
+                                               and isinstance(m.get("content"), str) for m in p):
+            prompt = [{"role": m["role"], "content": m["content"]} for m in p]
+        else:
+            raise DataError(f"{where}: key 'prompt' must be a string or a list of {{role, content}} messages")
+    else:
+        shared, chosen, rejected = split_transcripts(chosen, rejected)
+        prompt = hh_messages(shared) if _TURN.search(shared) else [{"role": "user", "content": shared.strip()}]
+        if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt (expected transcripts that "
+                            "differ only after a common prompt, e.g. Anthropic HH)")
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise DataError(f"{where}: key 'margin' must be a finite number, got {margin!r}")
+    return Pair(prompt, chosen, rejected, None if margin is None else float(margin), where)
+
+
+def read_pairs(path: str) -> list[Pair]:
+    """Every row of a JSONL file of preference pairs (blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    pairs = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            pairs.append(row_to_pair(row, f"{path}:{n}"))
+    if not pairs:
+        raise DataError(f"{path}: no rows")
+    return pairs
+
+
+@dataclass
+class TokenPair:
+    """A tokenised pair: both whole sequences (prompt + response + <|end|>) and the margin to use."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+
+    @property
+    def length(self) -> int:  # for SFTLoader's ordering helpers
+        return max(len(self.chosen), len(self.rejected))
+
+
+def sequence(tok: Tokenizer, prompt: list[dict], response: str) -> list[int]:
+    """The chat-formatted sequence a reward model scores: prompt, <|assistant|>, response, <|end|>."""
+    return prompt_ids(tok, prompt) + tok.encode_ordinary(response) + [tok.special_tokens[END]]
+
+
+def tokenize_pairs(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, margin: float
+                   ) -> tuple[list[TokenPair], int]:
+    """Tokenise; sequences over seq_len keep their last seq_len tokens. Returns (pairs, truncated count)."""
+    out, cut = [], 0
+    for p in pairs:
+        c, r = sequence(tok, p.prompt, p.chosen), sequence(tok, p.prompt, p.rejected)
+        if len(c) > seq_len or len(r) > seq_len:
+            cut += 1
+            c, r = c[-seq_len:], r[-seq_len:]
+        out.append(TokenPair(c, r, margin if p.margin is None else p.margin))
+    return out, cut
+
+
+def pair_tensors(pairs: Sequence[TokenPair | None], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(x (2m, T), y (m,), last (2m,), margin (m,)) of m pairs; None = a padding pair (y = IGNORE_INDEX)."""
+    real = [p for p in pairs if p is not None]
+    T = max((max(len(p.chosen), len(p.rejected)) for p in real), default=1)
+    m = len(pairs)
+    x = torch.full((2 * m, T), pad_id, dtype=torch.long)
+    last = torch.zeros(2 * m, dtype=torch.long)
+    y = torch.full((m,), IGNORE_INDEX, dtype=torch.long)
+    margin = torch.zeros(m)
+    for i, p in enumerate(pairs):
+        if p is None:
+            continue
+        for row, ids in ((i, p.chosen), (m + i, p.rejected)):
+            x[row, : len(ids)] = torch.tensor(ids)
+            last[row] = len(ids) - 1
+        y[i] = 0
+        margin[i] = p.margin
+    return x, y, last, margin
+
+
+class PairLoader(SFTLoader):
+    """Global batches of preference pairs with the SFT loader's contract: a seeded permutation per epoch,
+    rank r's contiguous share of each global batch, one global position for exact resume on any world size."""
+
+    def __init__(self, pairs: Sequence[TokenPair], batch_size: int, micro_batch_size: int, rank: int,
+                 world_size: int, *, seed: int = 0, pad_id: int = 0, device: torch.device | str = "cpu") -> None:
+        super().__init__(pairs, 0, batch_size, micro_batch_size, rank, world_size, seed=seed, pack=False,
+                         pad_id=pad_id, device=device)
+
+    def _tensors(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.device) for t in pair_tensors([self.examples[r[0]] for r in rows], self.pad_id))
+
+    def eval_batches(self, pairs: Sequence[TokenPair], max_rows: int = 0) -> list[list[tuple[torch.Tensor, ...]]]:
+        """Held-out pairs (file order) as global batches of this rank's micro-batches; the last batch is
+        filled with padding pairs so every rank runs the same number of forwards (FSDP needs that)."""
+        items: list[TokenPair | None] = list(pairs[:max_rows] if max_rows else pairs)
+        B = self.batch_size
+        items += [None] * (-len(items) % B)
+        per_rank, mb = B // self.world_size, self.micro_batch_size
+        out = []
+        for s in range(0, len(items), B):
+            mine = items[s + self.rank * per_rank: s + (self.rank + 1) * per_rank]
+            out.append([tuple(t.to(self.device) for t in pair_tensors(mine[i:i + mb], self.pad_id))
+                        for i in range(0, len(mine), mb)])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"PairLoader({len(self.examples)} pairs, global batch {self.batch_size} pairs, "
+                f"rank {self.rank}/{self.world_size})")
