@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm_dist.model.generate import check_left_padding, make_cache
+from llm_dist.model.generate import check_left_padding, decoding_mode, make_cache
 from llm_dist.model.layers import upcast
 from llm_dist.model.transformer import Transformer
 
@@ -64,7 +64,7 @@ def beam_search(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with decoding_mode(model):
             seqs, scores, lengths = _search(model, idx, mask, num_beams, max_new_tokens, eos_id, length_penalty,
                                             early_stopping, use_cache)
     finally:

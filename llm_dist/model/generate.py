@@ -20,6 +20,8 @@ generates what it would alone. Each row stops at its own `eos_id`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -146,7 +148,7 @@ def generate(
     private generator (when `generator` is not given), so the same call gives the same tokens.
 
     Pass the bare `Transformer` (not a DDP/compiled wrapper). It runs in eval mode (dropout off) under
-    `torch.inference_mode()`, and its previous train/eval mode is restored afterwards. The result is
+    `torch.inference_mode()` (`no_grad` under FSDP: `decoding_mode`), and its previous train/eval mode is restored afterwards. The result is
     an ordinary tensor (cloned out of inference mode), so RL code can feed rollouts back into a
     forward pass that records gradients.
     """
@@ -157,10 +159,19 @@ def generate(
     mask = check_left_padding(attention_mask, idx)
     if generator is None and seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
-    with torch.inference_mode():
+    with decoding_mode(model):
         out = _decode(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, mask,
                       repetition_penalty)
     return out.clone()
+
+
+def decoding_mode(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """`torch.inference_mode()`, or `torch.no_grad()` for an FSDP-sharded model: FSDP2 reuses its unsharded
+    parameter buffers across forwards, and buffers first allocated in inference mode cannot be written by
+    the all-gathers of a later training forward ("Inplace update to inference tensor")."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
 def _decode(
