@@ -46,7 +46,7 @@ slurm_build_cmd() {
     case "${LAUNCHER:-torchrun}" in
         torchrun)
             # One task per node with the node's CPUs (srun no longer inherits --cpus-per-task since 22.05).
-            SLURM_CMD=(srun --nodes="$nnodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-$cpus_node}"
+            SLURM_CMD=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-$cpus_node}"
                 --kill-on-bad-exit=1
                 bash -c 'trap "" USR1; exec "$@"' llm_dist-task  # torchrun survives SIGUSR1; see the header
                 "$py" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc"
@@ -56,9 +56,12 @@ slurm_build_cmd() {
             ;;
         srun)
             # One task per rank: llm_dist/distributed.py reads SLURM_PROCID/NTASKS/LOCALID; every task sees
-            # all of the node's GPUs and picks cuda:<SLURM_LOCALID>.
+            # all of the node's GPUs and picks cuda:<SLURM_LOCALID>. --ntasks explicitly: srun would otherwise
+            # take the job's SLURM_NTASKS (one per node) from the environment.
             local cpt=$((cpus_node / nproc))
-            SLURM_CMD=(srun --nodes="$nnodes" --ntasks-per-node="$nproc" --cpus-per-task=$((cpt > 0 ? cpt : 1))
+            # The master as scontrol expands the node list (llm_dist/distributed.py's own parsing is the fallback).
+            export MASTER_ADDR=${MASTER_ADDR:-$(slurm_first_host)} MASTER_PORT=${MASTER_PORT:-$(slurm_port)}
+            SLURM_CMD=(srun --nodes="$nnodes" --ntasks=$((nnodes * nproc)) --ntasks-per-node="$nproc" --cpus-per-task=$((cpt > 0 ? cpt : 1))
                 --kill-on-bad-exit=1 "$py" -u "$script" "${stage_args[@]}")
             ;;
         *)

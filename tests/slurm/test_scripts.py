@@ -56,16 +56,20 @@ def calls(env: dict) -> list[str]:
 
 
 def build_cmd(env: dict, *args: str) -> list[str]:
-    script = 'LLM_DIST_ROOT=$SLURM_SUBMIT_DIR; source slurm/common.sh; slurm_build_cmd "$@" && printf "%s\\n" "${SLURM_CMD[@]}"'
+    script = ('LLM_DIST_ROOT=$SLURM_SUBMIT_DIR; source slurm/common.sh; slurm_build_cmd "$@" && '
+              'printf "%s\\n" "${SLURM_CMD[@]}" && echo "MASTER=${MASTER_ADDR:-}:${MASTER_PORT:-}"')
     p = subprocess.run(["bash", "-c", script, "x", *args], cwd=REPO, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    return p.stdout.splitlines()
+    *cmd, master = p.stdout.splitlines()
+    env["_MASTER"] = master.removeprefix("MASTER=")  # what the ranks would see (srun per rank only)
+    return cmd
 
 
 def test_torchrun_command_one_task_per_node(fake):
     fake["OUT_DIR"] = "runs/x"
     cmd = build_cmd(fake, "pretrain", "configs/debug.yaml", "optim.lr=1e-3", "out_dir=mine")
-    assert cmd[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=64", "--kill-on-bad-exit=1"]
+    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=64",
+                       "--kill-on-bad-exit=1"]
     i = cmd.index("torch.distributed.run")
     assert cmd[i - 1] == "-m" and cmd[i - 2] == "python3"
     # first host of gpu[003-004] (from scontrol), port 20000 + 123456 % 20000, the job id as rendezvous id
@@ -75,8 +79,9 @@ def test_torchrun_command_one_task_per_node(fake):
     assert cmd[i + 7:] == [f"{REPO}/launch/pretrain.py", "--config", "configs/debug.yaml", "out_dir=runs/x",
                            "optim.lr=1e-3", "out_dir=mine"]
     assert "scontrol show hostnames gpu[003-004]" in calls(fake)
+    assert fake["_MASTER"] == ":"  # torchrun sets the workers' master itself
     # torchrun must outlive the SIGUSR1 that SLURM sends to every process of the step
-    assert cmd[5:7] == ["bash", "-c"] and cmd[7].startswith('trap "" USR1; exec')
+    assert cmd[6:8] == ["bash", "-c"] and cmd[8].startswith('trap "" USR1; exec')
 
 
 def test_torchrun_overrides_from_the_environment(fake):
@@ -92,9 +97,10 @@ def test_torchrun_overrides_from_the_environment(fake):
 def test_srun_command_one_task_per_rank(fake):
     fake["LAUNCHER"] = "srun"
     cmd = build_cmd(fake, "sft", "configs/sft_gsm8k.yaml")
-    assert cmd[:6] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=8", "--kill-on-bad-exit=1",
-                       "python3"]
-    assert cmd[6:9] == ["-u", f"{REPO}/launch/sft.py", "--config"] and "torch.distributed.run" not in cmd
+    assert cmd[:7] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=8",
+                       "--kill-on-bad-exit=1", "python3"]
+    assert cmd[7:10] == ["-u", f"{REPO}/launch/sft.py", "--config"] and "torch.distributed.run" not in cmd
+    assert fake["_MASTER"] == "gpu003:23456"  # the first host and the job's port, for every rank
 
 
 def test_unknown_launcher_is_one_line(fake):
