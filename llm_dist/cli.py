@@ -1,8 +1,17 @@
-"""Entry point shared by the launchers: parse + validate the config, run a stage, map errors to exit codes."""
+"""Entry point shared by the launchers: parse + validate the config, run a stage, map errors to exit codes.
+
+With `LLM_DIST_EXIT_FILE` set, every process also writes its exit code to that file. A job script needs it:
+under torchrun a worker's exit code is lost (any non-zero worker exit becomes torchrun's own exit 1), yet
+the script must tell "stopped by the scheduler's signal, checkpoint saved: requeue me" (75) from a finished
+run (0), a bad config (2) or a crash (no code written). All ranks agree on 0/75 (the stop is a collective
+vote), so which rank writes last does not matter. See slurm/common.sh.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from llm_dist.checkpoint.sharded import CheckpointReadError
@@ -16,6 +25,21 @@ from llm_dist.tokenizer import TokenizerFileError
 USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError)
 
 
+EXIT_FILE_ENV = "LLM_DIST_EXIT_FILE"
+
+
+def report_exit(code: int) -> int:
+    """Write `code` to $LLM_DIST_EXIT_FILE (atomically: a reader never sees half a file); returns `code`."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{code}\n")
+        os.replace(tmp, p)
+    return code
+
+
 def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = None,
         default_config: str | None = None) -> int:
     """Parse `[--config PATH] [key=value ...]`, validate for the launcher's world size, run the stage.
@@ -27,9 +51,9 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
         cfg = parse_args(argv, default_config).validate(world_size_from_env())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return report_exit(2)
     try:
-        return int(stage_main(cfg) or 0)
+        return report_exit(int(stage_main(cfg) or 0))
     except USER_ERRORS as e:  # bad input found after start-up (files, data, checkpoints): one line, no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return report_exit(2)
