@@ -23,4 +23,4 @@ LLM_DIST_ROOT=${LLM_DIST_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}  # sbatch runs a copy 
 [ -f "$LLM_DIST_ROOT/slurm/common.sh" ] || { echo "slurm: no slurm/common.sh under $LLM_DIST_ROOT:" \
     "submit from the repository root or set LLM_DIST_ROOT" >&2; exit 2; }
 source "$LLM_DIST_ROOT/slurm/common.sh"
-slurm_main reward configs/reward_hh.yaml "$@"
+slurm_main reward configs/reward_addition.yaml "$@"
