@@ -1,15 +1,16 @@
-"""CPU demonstration: SFT a small model on 2-digit addition to partial accuracy, then GRPO raises it.
+"""CPU demonstration: SFT a small model on 2-digit addition to partial accuracy, then GRPO and PPO raise it.
 
-    python tools/rl_demo.py                      # ~4 minutes on 2 CPU cores; writes runs/rl_demo/
-    python tools/rl_demo.py --nproc 2            # the GRPO stage under torchrun with 2 ranks
+    python tools/rl_demo.py                      # SFT, then GRPO and PPO from the same SFT checkpoint
+    python tools/rl_demo.py --algo ppo --nproc 2 # only PPO, under torchrun with 2 ranks
 
 Steps (each a real launcher run, so it exercises exactly what a user runs):
   1. warm-up data: `AdditionTask(level=2).sft_rows(n)` as {"prompt","response"} JSONL;
   2. `launch/sft.py` trains a small byte-level model from scratch on it (few steps: partial accuracy);
-  3. `launch/grpo.py --config configs/grpo_addition.yaml` from that checkpoint; its step-0 evaluation is the
-     "before" accuracy (greedy, held-out problems the SFT data never contains), the last one the "after".
-Outputs in --out: summary.json (accuracies, wall times, commands) and reward_curve.png (reward mean per
-step and held-out accuracy). The numbers are whatever the run measured; nothing is tuned after the fact.
+  3. `launch/grpo.py --config configs/grpo_addition.yaml` and/or `launch/ppo.py --config
+     configs/ppo_addition.yaml` from that checkpoint; each one's step-0 evaluation is the "before" accuracy
+     (greedy, held-out problems the SFT data never contains), its last one the "after".
+Outputs in --out: summary.json (accuracies, wall times, commands) and <algo>_reward_curve.png (reward mean
+per step and held-out accuracy). The numbers are whatever the runs measured; nothing is tuned after the fact.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot(metrics: list[dict], path: Path, title: str) -> None:
+def plot(metrics: list[dict], path: Path, title: str, algo: str = "GRPO") -> None:
     """Reward mean per step (and its running mean) with the held-out accuracy on a second axis."""
     import matplotlib
 
@@ -59,7 +60,7 @@ def plot(metrics: list[dict], path: Path, title: str) -> None:
     ax.plot(xs, smooth, color="tab:blue", label=f"train reward ({k}-step mean)")
     ax.plot([m["step"] for m in evals], [m["val/accuracy"] for m in evals], "o-", color="tab:red",
             label="held-out accuracy (greedy)")
-    ax.set_xlabel("GRPO step")
+    ax.set_xlabel(f"{algo} step")
     ax.set_ylabel("reward / accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -69,14 +70,41 @@ def plot(metrics: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_rl(algo: str, out: Path, sft_dir: Path, a: argparse.Namespace) -> dict:
+    """One RL stage from the SFT checkpoint; its before/after accuracy, reward curve and wall time."""
+    launcher = [sys.executable] if a.nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
+    steps = a.grpo_steps if algo == "grpo" else a.ppo_steps
+    cmd = [*launcher, f"launch/{algo}.py", "--config", f"configs/{algo}_addition.yaml", f"rl.init_from={sft_dir}",
+           f"train.max_steps={steps}", f"out_dir={out / algo}", *(a.grpo_args if algo == "grpo" else a.ppo_args)]
+    wall = run(cmd, out / f"{algo}.log")
+    metrics = read_metrics(out / algo)
+    evals = [m for m in metrics if "val/accuracy" in m]
+    rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
+    before, after = evals[0]["val/accuracy"], evals[-1]["val/accuracy"]
+    plot(metrics, out / f"{algo}_reward_curve.png",
+         f"{algo.upper()} on 2-digit addition: held-out accuracy {before:.1%} -> {after:.1%}", algo.upper())
+    res = {"accuracy_before": before, "accuracy_after": after,
+           "accuracy_curve": {m["step"]: m["val/accuracy"] for m in evals},
+           "reward_first10": sum(rewards[:10]) / max(len(rewards[:10]), 1),
+           "reward_last10": sum(rewards[-10:]) / max(len(rewards[-10:]), 1),
+           "wall_s": round(wall, 1), "steps": steps, "command": " ".join(cmd[len(launcher):])}
+    print(f"{algo}: {steps} steps in {wall:.0f}s; held-out accuracy {before:.1%} -> {after:.1%}; train reward "
+          f"{res['reward_first10']:.3f} (first 10 steps) -> {res['reward_last10']:.3f} (last 10)")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/rl_demo", help="demo directory (replaced runs are resumed, so use a new one)")
+    ap.add_argument("--algo", choices=("grpo", "ppo", "both"), default="both", help="RL stage(s) after the SFT")
     ap.add_argument("--sft-rows", type=int, default=20000, help="warm-up examples")
     ap.add_argument("--sft-steps", type=int, default=300, help="SFT optimizer steps (64 examples each)")
     ap.add_argument("--grpo-steps", type=int, default=600, help="GRPO optimizer steps (32 prompts x 8 samples)")
-    ap.add_argument("--nproc", type=int, default=1, help="ranks for the GRPO stage (torchrun when > 1)")
+    ap.add_argument("--ppo-steps", type=int, default=600, help="PPO optimizer steps (4 per rollout of 256 samples)")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks for the RL stages (torchrun when > 1)")
     ap.add_argument("--grpo-args", nargs="*", default=[], help="extra key=value overrides for launch/grpo.py")
+    ap.add_argument("--ppo-args", nargs="*", default=[], help="extra key=value overrides for launch/ppo.py")
     args = ap.parse_args()
 
     from llm_dist.rl.tasks import AdditionTask
@@ -94,29 +122,12 @@ def main() -> None:
            "eval.steps=1", "train.log_interval=50", f"out_dir={out / 'sft'}"]
     t_sft = run(sft, out / "sft.log")
     print(f"sft: {args.sft_steps} steps in {t_sft:.0f}s")
-
-    launcher = [sys.executable] if args.nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    grpo = [*launcher, "launch/grpo.py", "--config", "configs/grpo_addition.yaml", f"rl.init_from={out / 'sft'}",
-            f"train.max_steps={args.grpo_steps}", f"out_dir={out / 'grpo'}", *args.grpo_args]
-    t_grpo = run(grpo, out / "grpo.log")
-    metrics = read_metrics(out / "grpo")
-    evals = [m for m in metrics if "val/accuracy" in m]
-    steps = [m for m in metrics if "reward_mean" in m]
-    before, after = evals[0]["val/accuracy"], evals[-1]["val/accuracy"]
-    summary = {"accuracy_before": before, "accuracy_after": after,
-               "accuracy_curve": {m["step"]: m["val/accuracy"] for m in evals},
-               "reward_first10": sum(m["reward_mean"] for m in steps[:10]) / max(len(steps[:10]), 1),
-               "reward_last10": sum(m["reward_mean"] for m in steps[-10:]) / max(len(steps[-10:]), 1),
-               "wall_s": {"sft": round(t_sft, 1), "grpo": round(t_grpo, 1),
-                          "total": round(time.perf_counter() - t_all, 1)},
-               "nproc": args.nproc, "commands": {"sft": " ".join(sft[1:]), "grpo": " ".join(grpo[len(launcher):])}}
+    algos = ("grpo", "ppo") if args.algo == "both" else (args.algo,)
+    summary = {"nproc": args.nproc, "sft": {"wall_s": round(t_sft, 1), "command": " ".join(sft[1:])},
+               **{algo: run_rl(algo, out, out / "sft", args) for algo in algos}}
+    summary["total_wall_s"] = round(time.perf_counter() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot(metrics, out / "reward_curve.png",
-         f"GRPO on 2-digit addition: held-out accuracy {before:.1%} -> {after:.1%}")
-    print(f"grpo: {args.grpo_steps} steps in {t_grpo:.0f}s; held-out accuracy {before:.1%} -> {after:.1%}; "
-          f"train reward {summary['reward_first10']:.3f} (first 10 steps) -> {summary['reward_last10']:.3f} "
-          f"(last 10); total {summary['wall_s']['total']:.0f}s; {out / 'summary.json'}, {out / 'reward_curve.png'}")
+    print(f"total {summary['total_wall_s']:.0f}s; {out / 'summary.json'}")
 
 
 if __name__ == "__main__":
