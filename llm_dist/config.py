@@ -170,6 +170,7 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "llm_dist"  # wandb project name
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s for MFU; 0 = look it up from the GPU's name (none on CPU)
 
 
 @dataclass
@@ -183,6 +184,26 @@ class EvalConfig:
     sample_prompt: str = "\n"  # prompt for the samples
     temperature: float = 0.8  # sampling temperature
     top_k: int = 200  # sample only from the k most likely tokens; 0 = all
+    mc_data: str = ""  # multiple-choice JSONL (HellaSwag ctx/endings/label or context/endings/label) scored at each evaluation; "" = none
+    mc_examples: int = 0  # score only the first N examples of eval.mc_data; 0 = all
+    mc_batch_size: int = 32  # rows (one per ending) per forward pass in the multiple-choice evaluation
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a window of training steps (see docs/eval.md, "Profiling")."""
+
+    enabled: bool = False  # profile the step window below
+    wait: int = 5  # steps run unprofiled first (start-up, compilation)
+    warmup: int = 2  # steps profiled but discarded (the profiler's own warm-up)
+    active: int = 3  # steps recorded into the trace
+    trace: str = "tensorboard"  # tensorboard (tensorboard_trace_handler dir) | chrome (one trace JSON per rank)
+    record_shapes: bool = False  # record input shapes of every op (larger trace)
+    profile_memory: bool = False  # track tensor allocations per op
+    with_stack: bool = False  # record Python stacks (needed for flame graphs; slow)
+    sort_by: str = "auto"  # top-kernels table order: auto (self device time on CUDA, self CPU time on CPU) or a key_averages key
+    row_limit: int = 20  # rows of the top-kernels table
+    memory_snapshot: bool = False  # CUDA only: record allocator history over the window, dump memory_snapshot_rank<r>.pickle
 
 
 @dataclass
@@ -275,6 +296,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -639,12 +661,30 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive("eval.sample_tokens", cfg.eval.sample_tokens, allow_zero=True)
     _positive("eval.temperature", cfg.eval.temperature, allow_zero=True)
     _positive("eval.top_k", cfg.eval.top_k, allow_zero=True)
+    _positive("eval.mc_examples", cfg.eval.mc_examples, allow_zero=True)
+    _positive("eval.mc_batch_size", cfg.eval.mc_batch_size)
+    _positive("logging.peak_tflops", cfg.logging.peak_tflops, allow_zero=True)
+    _validate_profile(cfg.profile)
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a run directory, got ''")
     _validate_sft(cfg.sft)
     _validate_rl(cfg.rl)
     _validate_reward(cfg.reward)
     _validate_ppo(cfg.ppo)
+
+
+_PROFILE_SORT_KEYS = ("auto", "self_cpu_time_total", "cpu_time_total", "self_device_time_total", "device_time_total",
+                      "self_cpu_memory_usage", "self_device_memory_usage", "count")
+
+
+def _validate_profile(p: ProfileConfig) -> None:
+    """profile.* invariants (the defaults are valid whether or not profiling is on)."""
+    _positive("profile.wait", p.wait, allow_zero=True)
+    _positive("profile.warmup", p.warmup, allow_zero=True)
+    _positive("profile.active", p.active)
+    _positive("profile.row_limit", p.row_limit)
+    _choice("profile.trace", p.trace, ("tensorboard", "chrome"))
+    _choice("profile.sort_by", p.sort_by, _PROFILE_SORT_KEYS)
 
 
 def _validate_sft(s: SFTConfig) -> None:

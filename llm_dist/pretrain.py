@@ -17,6 +17,8 @@ from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
 from llm_dist.data.loader import ShardedLoader
 from llm_dist.data.prepare import ensure_prepared
+from llm_dist.eval import MCExample, evaluate_lm, evaluate_mc, load_mc, token_byte_lengths
+from llm_dist.eval.multiple_choice import MCFormatError
 from llm_dist.model.generate import generate
 from llm_dist.model.transformer import Transformer, model_summary
 from llm_dist.parallel import build_parallel_model
@@ -36,6 +38,16 @@ def prepare_data(cfg: Config, tok: Tokenizer) -> str:
                         text_field=cfg.data.text_field, num_proc=cfg.data.num_proc, log=D.print0)
     D.barrier()
     return data_dir
+
+
+def load_mc_examples(cfg: Config) -> list[MCExample] | None:
+    """The multiple-choice set of `eval.mc_data` (None when unset); a malformed file is a config error."""
+    if not cfg.eval.mc_data:
+        return None
+    try:
+        return load_mc(resolve_path(cfg.eval.mc_data), cfg.eval.mc_examples)
+    except MCFormatError as e:
+        raise ConfigError(f"eval.mc_data: {e}") from None
 
 
 def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.device):
@@ -62,6 +74,7 @@ def main(cfg: Config) -> int:
         out_dir = Path(cfg.out_dir)
         tok = build_tokenizer(cfg)
         resolve_vocab(cfg, tok)
+        mc_examples = load_mc_examples(cfg)  # a bad file fails here, before any model is built
         data_dir = prepare_data(cfg, tok)
         t = cfg.train
         seq_len = cfg.model.block_size
@@ -84,16 +97,24 @@ def main(cfg: Config) -> int:
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp), rt.world_size)
+        peak = peak_flops(rt.device, amp, cfg.logging.peak_tflops)
+        throughput = Throughput(pm.model.flops_per_token(seq_len), peak, rt.world_size)
 
         def save() -> None:
             ckpt.save(trainer.state.step, trainer.model_optim_state(),
                       {**trainer.train_state(), "loader": loader.state_dict()}, cfg.to_yaml(), tok,
                       cfg.tokenizer.name, meta={"tokens_seen": trainer.state.tokens_seen, "strategy": pm.strategy})
 
+        byte_lengths = token_byte_lengths(tok, pm.model.padded_vocab_size)
+
         def evaluate() -> dict[str, float]:
-            loss = trainer.evaluate(list(val.eval_batches(cfg.eval.steps)))
-            return {"val/loss": loss, "val/ppl": float(torch.tensor(loss).exp())}
+            # The bare (maybe sharded) model: a forward needs no DDP hooks; under FSDP every rank joins in.
+            out = evaluate_lm(trainer.raw_model, val.eval_batches(cfg.eval.steps), byte_lengths,
+                              trainer.autocast()).metrics("val")
+            if mc_examples is not None:
+                out.update(evaluate_mc(trainer.raw_model, tok, mc_examples, seq_len, cfg.eval.mc_batch_size,
+                                       trainer.autocast()))
+            return out
 
         sample = make_sampler(pm.model, tok, cfg, rt.device)
         return run_fit(trainer, loader, ckpt, logger, "training", out_dir, save, throughput=throughput,

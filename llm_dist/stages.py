@@ -53,10 +53,14 @@ def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # 
     import signal
 
     from llm_dist.train.loop import fit
+    from llm_dist.train.profiler import StepProfiler
     from llm_dist.train.trainer import NonFiniteError
 
     try:
-        reason = fit(trainer, data, logger=logger, save_checkpoint=save_checkpoint, poll=ckpt.poll, **fit_kwargs)
+        # profile.enabled: a torch.profiler window over the steps, its trace and top-kernels table at the end
+        with StepProfiler(trainer.cfg.profile, out_dir, trainer.rt.device) as profiler:
+            reason = fit(trainer, data, logger=logger, save_checkpoint=save_checkpoint, poll=ckpt.poll,
+                         profiler=profiler, **fit_kwargs)
         ckpt.close()  # the end of training waits for the last background write
     except NonFiniteError as e:
         D.print0(f"error: {e}")

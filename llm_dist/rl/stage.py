@@ -148,7 +148,8 @@ def run_rl(cfg: Config, algo: str) -> int:
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
         seq_len = cfg.model.block_size
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp), rt.world_size)
+        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp, cfg.logging.peak_tflops),
+                                rt.world_size)
         items = accuracy_items(task, tok, r.eval_examples) if r.eval_examples else []
         mode = "gsm8k" if r.task == "gsm8k" else "exact"
 

@@ -70,7 +70,8 @@ def main(cfg: Config) -> int:
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp), rt.world_size)
+        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp, cfg.logging.peak_tflops),
+                                rt.world_size)
         items = eval_prompts(tok, eval_convs[: s.eval_examples])
         eval_batches = loader.eval_batches(eval_ex, max_rows=cfg.eval.steps * t.batch_size) if eval_ex else []
 

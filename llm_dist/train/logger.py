@@ -1,7 +1,9 @@
 """Metrics out of the training loop: console, a JSONL file (always), and optionally wandb / TensorBoard.
 
-Only rank 0 writes. A failing optional backend (wandb not installed, offline errors, TensorBoard missing)
-warns once and is switched off; it never stops training.
+One interface (`MetricsLogger.log` for numbers, `.text` for samples) in front of several sinks. Only
+rank 0 writes. A sink that fails (wandb not installed or offline, TensorBoard missing, a full disk under
+the JSONL file) warns once, naming the backend and the error, and is switched off; training never stops
+because of a logger.
 """
 
 from __future__ import annotations
@@ -27,72 +29,172 @@ def _fmt(key: str, v: Any) -> str:
     return f"{key} {v}"
 
 
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries (bools excluded): what plotting backends can draw."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class Sink:
+    """One backend. `scalars` gets every record, `text` every sample; both may raise (the logger catches)."""
+
+    name = "sink"
+
+    def scalars(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        raise NotImplementedError
+
+    def text(self, step: int, key: str, text: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ConsoleSink(Sink):
+    """`step N | key value | ...` on stdout; samples are printed by the loop itself, framed."""
+
+    name = "console"
+
+    def scalars(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        body = " | ".join(_fmt(k, v) for k, v in metrics.items())
+        print(f"{prefix}step {step:>6} | {body}", flush=True)
+
+    def text(self, step: int, key: str, text: str) -> None:
+        pass
+
+
+class JSONLSink(Sink):
+    """One JSON object per line: {"step", "time", **metrics}; samples as {"step", "time", key: text}."""
+
+    name = "JSONL"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", buffering=1)  # line-buffered: a crash loses at most one line
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, default=float) + "\n")
+
+    def scalars(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        self._write({"step": step, "time": time.time(), **metrics})
+
+    def text(self, step: int, key: str, text: str) -> None:
+        self._write({"step": step, "time": time.time(), key: text})
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class WandbSink(Sink):
+    """Weights & Biases in `online` or `offline` mode (offline runs sync later with `wandb sync`)."""
+
+    name = "wandb"
+
+    def __init__(self, out_dir: Path, cfg: LoggingConfig, run_config: dict | None) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self._run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, dir=str(out_dir), config=run_config,
+                               name=out_dir.name)
+
+    def scalars(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        self._run.log(_scalars(metrics), step=step)
+
+    def text(self, step: int, key: str, text: str) -> None:
+        self._run.log({key: self._wandb.Html(f"<pre>{_html_escape(text)}</pre>")}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class TensorBoardSink(Sink):
+    """Event files under <out_dir>/tensorboard (`tensorboard --logdir <out_dir>/tensorboard`)."""
+
+    name = "TensorBoard"
+
+    def __init__(self, out_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def scalars(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        for k, v in _scalars(metrics).items():
+            self._w.add_scalar(k, v, step)
+
+    def text(self, step: int, key: str, text: str) -> None:
+        # TensorBoard renders text as Markdown: a code block keeps line breaks and indentation.
+        self._w.add_text(key, "```\n" + text + "\n```", step)
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def _html_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 class MetricsLogger:
-    """`log(step, metrics)` to every enabled sink. Construct on every rank; only `enabled` ranks write."""
+    """`log(step, metrics)` / `text(step, key, text)` to every enabled sink.
+
+    Construct on every rank; only `enabled` ranks (rank 0) open sinks and write. The JSONL file is always
+    written (tools/plot_metrics.py reads it); console, wandb (`logging.wandb`: online | offline |
+    disabled) and TensorBoard (`logging.tensorboard`) are the others.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, cfg: LoggingConfig, run_config: dict | None = None,
                  enabled: bool = True, filename: str = "metrics.jsonl") -> None:
         self.enabled = enabled
-        self._wandb = None
-        self._tb = None
-        self._jsonl = None
+        self.sinks: list[Sink] = []
+        self.warnings: list[str] = []  # every warning issued (one per failed backend)
         if not enabled:
             return
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(out_dir) / filename
-        self._jsonl = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most one line
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / filename
+        self.sinks = [ConsoleSink(), JSONLSink(self.path)]
         if cfg.wandb != "disabled":
-            try:
-                import wandb
-
-                self._wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, dir=str(out_dir),
-                                         config=run_config, name=Path(out_dir).name)
-            except Exception as e:  # noqa: BLE001 - any wandb failure must not stop training
-                self._warn(f"wandb disabled: {type(e).__name__}: {e}")
+            self._open(lambda: WandbSink(out, cfg, run_config), "wandb")
         if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            self._open(lambda: TensorBoardSink(out), "TensorBoard")
 
-                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
-            except Exception as e:  # noqa: BLE001
-                self._warn(f"TensorBoard disabled: {type(e).__name__}: {e}")
+    def _open(self, make, name: str) -> None:  # noqa: ANN001
+        try:
+            self.sinks.append(make())
+        except Exception as e:  # noqa: BLE001 - any backend failure must not stop training
+            self._warn(f"{name} disabled: {type(e).__name__}: {e}")
 
-    @staticmethod
-    def _warn(msg: str) -> None:
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
         print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def _each(self, call, console: bool = True) -> None:  # noqa: ANN001
+        """Call `call(sink)` on every sink; a sink that raises is dropped with one warning."""
+        for sink in list(self.sinks):
+            if not console and isinstance(sink, ConsoleSink):
+                continue
+            try:
+                call(sink)
+            except Exception as e:  # noqa: BLE001
+                self._warn(f"{sink.name} logging failed, disabled for the rest of the run: {type(e).__name__}: {e}")
+                self.sinks.remove(sink)
+                try:
+                    sink.close()
+                except Exception:  # noqa: BLE001 - it is already broken; one warning is enough
+                    pass
 
     def log(self, step: int, metrics: dict[str, Any], console: bool = True, prefix: str = "") -> None:
         """Write one record. Keys with a `/` (e.g. `val/loss`) are kept as they are in JSONL and wandb."""
-        if not self.enabled:
-            return
-        record = {"step": step, "time": time.time(), **metrics}
-        self._jsonl.write(json.dumps(record, default=float) + "\n")
-        if console:
-            body = " | ".join(_fmt(k, v) for k, v in metrics.items())
-            print(f"{prefix}step {step:>6} | {body}", flush=True)
-        if self._wandb is not None:
-            try:
-                self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-            except Exception as e:  # noqa: BLE001
-                self._warn(f"wandb logging failed, disabled: {e}")
-                self._wandb = None
-        if self._tb is not None:
-            try:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)):
-                        self._tb.add_scalar(k, v, step)
-            except Exception as e:  # noqa: BLE001
-                self._warn(f"TensorBoard logging failed, disabled: {e}")
-                self._tb = None
+        if self.enabled:
+            self._each(lambda s: s.scalars(step, metrics, prefix), console=console)
+
+    def text(self, step: int, key: str, text: str) -> None:
+        """A piece of text (a sample generation) at `step`: JSONL record, TensorBoard text, wandb HTML."""
+        if self.enabled:
+            self._each(lambda s: s.text(step, key, text))
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
+        for sink in self.sinks:
             try:
-                self._wandb.finish()
-            except Exception:  # noqa: BLE001
+                sink.close()
+            except Exception:  # noqa: BLE001 - closing at the end must not turn a finished run into a crash
                 pass
+        self.sinks = []

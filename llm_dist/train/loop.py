@@ -12,6 +12,7 @@ from typing import Callable, Protocol, Sequence
 from llm_dist import distributed as D
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.optim import batch_size_at
+from llm_dist.train.profiler import StepProfiler
 from llm_dist.train.throughput import Throughput, memory_gib
 from llm_dist.train.trainer import Batch, Trainer
 
@@ -40,12 +41,14 @@ def fit(
     sample: Callable[[], str] | None = None,
     seq_len: int = 0,
     stop_at: int | None = None,
+    profiler: StepProfiler | None = None,
 ) -> str:
     """Train until `train.max_steps` (or `stop_at`, or a signal). Returns "finished" or "stopped".
 
     `save_checkpoint()` writes a checkpoint of the current state (collective); `evaluate()` returns
-    metrics such as {"val/loss": ...}; `sample()` returns text to print; `poll()` runs after every step
-    (it finalises a finished background checkpoint write).
+    metrics such as {"val/loss": ...}; `sample()` returns text to print and log (JSONL / TensorBoard /
+    wandb); `poll()` runs after every step (it finalises a finished background checkpoint write);
+    `profiler.step()` marks the end of each step for the torch.profiler window.
     """
     cfg = trainer.cfg
     t, ev = cfg.train, cfg.eval
@@ -62,6 +65,8 @@ def fit(
             if poll is not None:
                 poll()
             throughput.step(metrics.pop("tokens"))
+            if profiler is not None:
+                profiler.step()
             done = step >= t.max_steps
             stopping = trainer.should_stop() or (stop_at is not None and step >= stop_at)
             if step == 1 or _due(step, t.log_interval) or done or stopping:
@@ -73,6 +78,7 @@ def fit(
             if sample is not None and (_due(step, ev.sample_interval) or (done and ev.sample_tokens)):
                 text = sample()
                 D.print0(f"---- sample at step {step} ----\n{text}\n-------------------------------")
+                logger.text(step, "sample", text)
                 paused = True
             if save_checkpoint is not None and (_due(step, cfg.checkpoint.interval) or done or stopping):
                 save_checkpoint()

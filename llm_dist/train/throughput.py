@@ -9,7 +9,8 @@ import torch
 
 # Dense (no sparsity) peak TFLOP/s per GPU for the training dtype, from the vendors' datasheets.
 _PEAK_TFLOPS = {
-    # name fragment: {dtype: TFLOP/s}
+    # name fragment: {dtype: TFLOP/s}; checked in this order, so the PCIe H100 (its own name) precedes "H100"
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},  # fp32 matmuls run as TF32 (dense)
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},  # SXM; TF32 dense
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},  # TF32 dense
@@ -19,15 +20,34 @@ _PEAK_TFLOPS = {
 }
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """Peak FLOP/s of one device for `dtype` ("bf16" | "fp16" | "fp32"), or None when unknown (e.g. CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def peak_tflops_for(name: str, dtype: str) -> float | None:
+    """Datasheet peak TFLOP/s of the GPU called `name` (as `torch.cuda.get_device_name` spells it), or None."""
     for frag, table in _PEAK_TFLOPS.items():
         if frag in name:
-            return table[dtype] * 1e12
+            return table[dtype]
     return None
+
+
+def peak_flops(device: torch.device, dtype: str, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for `dtype` ("bf16" | "fp16" | "fp32"), or None when unknown (e.g. CPU).
+
+    `override_tflops` > 0 (`logging.peak_tflops`, `bench_train.py --peak-tflops`) wins over the lookup:
+    for GPUs not in the table, or to state a CPU's peak.
+    """
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    tflops = peak_tflops_for(torch.cuda.get_device_name(device), dtype)
+    return tflops * 1e12 if tflops is not None else None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_total: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices together.
+
+    The one formula behind both the trainer's log and tools/bench_train.py.
+    """
+    return tokens_per_s * flops_per_token / peak_flops_total
 
 
 def memory_gib(device: torch.device) -> float:
@@ -62,7 +82,7 @@ class Throughput:
         """Averages since the last report; then starts a new window."""
         out = {"step_time": self._time / max(self._steps, 1), "tok_per_s": self._tokens / max(self._time, 1e-9)}
         if self.peak:
-            out["mfu"] = out["tok_per_s"] * self.flops_per_token / self.peak
+            out["mfu"] = mfu(out["tok_per_s"], self.flops_per_token, self.peak)
         self._time, self._tokens, self._steps = 0.0, 0, 0
         return out
 
