@@ -174,6 +174,21 @@ def resolve_checkpoint_url(path: str) -> str:
     return url
 
 
+def train_eval_rows(section: str, data: str, eval_data: str, fraction: float, seed: int,
+                    read: Callable[[str], list]) -> tuple[list, list]:
+    """(train, held-out) rows of a stage's `<section>.data`: `<section>.eval_data` when given, else a seeded
+    `<section>.eval_fraction` of the data held out (both in file order). `read(path)` parses one file."""
+    if not data:
+        raise ConfigError(f"{section}.data: expected a JSONL file, got ''")
+    rows = read(resolve_path(data))
+    if eval_data:
+        return rows, read(resolve_path(eval_data))
+    n_eval = int(len(rows) * fraction)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
 def setup_chat_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str | None]:
     """The chat tokenizer and the init checkpoint URL (None: random init) of a post-training stage.
 

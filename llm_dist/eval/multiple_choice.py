@@ -25,7 +25,6 @@ forward passes (padding with a throw-away batch), which FSDP's collectives need.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_dist import distributed as D
+from llm_dist.data.jsonl import read_jsonl_rows
 from llm_dist.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -75,24 +75,7 @@ def parse_mc_line(obj: object, where: str) -> MCExample:
 
 def load_mc(path: str | Path, limit: int = 0) -> list[MCExample]:
     """Read a multiple-choice JSONL file (blank lines skipped); `limit` > 0 keeps the first `limit` examples."""
-    p = Path(path)
-    if not p.is_file():
-        raise MCFormatError(f"{path}: multiple-choice file not found")
-    out: list[MCExample] = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MCFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            out.append(parse_mc_line(obj, f"{path}:{n}"))
-            if limit and len(out) >= limit:
-                break
-    if not out:
-        raise MCFormatError(f"{path}: no examples")
-    return out
+    return [parse_mc_line(obj, where) for obj, where in read_jsonl_rows(path, MCFormatError, limit)]
 
 
 def join_parts(context: str, ending: str) -> tuple[str, str]:

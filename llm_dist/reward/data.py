@@ -20,15 +20,14 @@ so the trainer counts pairs; last (2m,): index of each row's last token; margin 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from llm_dist.data.jsonl import read_jsonl_rows
 from llm_dist.sft.chat import END, ROLE_TOKENS, DataError, prompt_ids
 from llm_dist.sft.data import SFTLoader
 from llm_dist.tokenizer import Tokenizer
@@ -117,22 +116,7 @@ def row_to_pair(row: object, where: str) -> Pair:
 
 def read_pairs(path: str) -> list[Pair]:
     """Every row of a JSONL file of preference pairs (blank lines skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: file not found")
-    pairs = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            pairs.append(row_to_pair(row, f"{path}:{n}"))
-    if not pairs:
-        raise DataError(f"{path}: no rows")
-    return pairs
+    return [row_to_pair(row, where) for row, where in read_jsonl_rows(path, DataError)]
 
 
 @dataclass

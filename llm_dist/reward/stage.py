@@ -22,7 +22,7 @@ from llm_dist.parallel import build_parallel_model
 from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
 from llm_dist.reward.loss import RewardLoss
 from llm_dist.sft.chat import END, DataError
-from llm_dist.stages import open_checkpoints, resolve_path, run_fit, setup_chat_model, write_run_config
+from llm_dist.stages import train_eval_rows, open_checkpoints, run_fit, setup_chat_model, write_run_config
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
@@ -31,15 +31,7 @@ from llm_dist.train.trainer import Trainer, resolve_dtype
 def split_pairs(cfg: Config) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out): reward.eval_data if given, else a seeded reward.eval_fraction of reward.data."""
     r = cfg.reward
-    if not r.data:
-        raise ConfigError("reward.data: expected a JSONL file of preference pairs, got ''")
-    train = read_pairs(resolve_path(r.data))
-    if r.eval_data:
-        return train, read_pairs(resolve_path(r.eval_data))
-    n_eval = int(len(train) * r.eval_fraction)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
-    held = set(perm[:n_eval])
-    return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return train_eval_rows("reward", r.data, r.eval_data, r.eval_fraction, cfg.train.seed, read_pairs)
 
 
 def main(cfg: Config) -> int:

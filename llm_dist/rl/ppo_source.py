@@ -29,7 +29,7 @@ from llm_dist.config import Config
 from llm_dist.rl.ppo import (AdaptiveKL, explained_variance, gae, kl_per_token, masked_moments, token_rewards,
                              variance_from_moments, whiten)
 from llm_dist.rl.rollout import all_gather_cat, logprobs_from_logits, sequence_batch
-from llm_dist.rl.source import Rollout, RolloutSource, chat_prompt, split_logprobs_entropy, timing
+from llm_dist.rl.source import Rollout, RolloutSource, split_logprobs_entropy, timing
 from llm_dist.rl.tasks import Task
 from llm_dist.rl.tasks.base import stable_hash
 from llm_dist.tokenizer import Tokenizer
@@ -100,11 +100,7 @@ class PPOSource(RolloutSource):
         """Generate, score and prepare this rank's share of rollout `rollout` (collective: all-reduces)."""
         p, mb = self.cfg.ppo, self.cfg.train.micro_batch_size
         t0 = time.perf_counter()
-        items = self.items(prompt_pos)
-        prompts = [chat_prompt(self.tok, it) for it in items]
-        comps = self.generate(prompts, rollout)
-        t_gen = time.perf_counter() - t0
-        scores = self.score(items, prompts, comps)  # (n_local,)
+        prompts, comps, scores, t_gen = self.sample(rollout, prompt_pos)  # scores (n_local,)
         coef = self.kl.value
 
         chunks = []  # per micro-batch: (x, y, mask, logp, values, adv, returns, kl)

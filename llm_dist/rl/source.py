@@ -173,15 +173,20 @@ class RolloutSource:
         return score_sequences(self.reward_model, seqs, pad_id=self.stop_id,
                                batch_size=self.cfg.train.micro_batch_size)
 
-    def make_rollout(self, rollout: int, prompt_pos: int) -> Rollout:
-        """Generate, score and prepare this rank's share of rollout `rollout` (collective: all-gathers)."""
-        r, mb = self.cfg.rl, self.cfg.train.micro_batch_size
+    def sample(self, rollout: int, prompt_pos: int) -> tuple[list[list[int]], list[list[int]], torch.Tensor, float]:
+        """This rank's (prompts, completions, rewards (n,)) of a rollout, and the seconds spent generating."""
         t0 = time.perf_counter()
         items = self.items(prompt_pos)
         prompts = [chat_prompt(self.tok, it) for it in items]
         comps = self.generate(prompts, rollout)
         t_gen = time.perf_counter() - t0
-        rewards = self.score(items, prompts, comps)
+        return prompts, comps, self.score(items, prompts, comps), t_gen
+
+    def make_rollout(self, rollout: int, prompt_pos: int) -> Rollout:
+        """Generate, score and prepare this rank's share of rollout `rollout` (collective: all-gathers)."""
+        r, mb = self.cfg.rl, self.cfg.train.micro_batch_size
+        t0 = time.perf_counter()
+        prompts, comps, rewards, t_gen = self.sample(rollout, prompt_pos)
         lengths = torch.tensor([len(c) for c in comps], dtype=torch.float32)
         all_r = all_gather_cat(rewards.to(self.device)).cpu()  # (N,) in sample order, every rank
         all_len = all_gather_cat(lengths.to(self.device)).cpu()  # (N,)

@@ -15,12 +15,11 @@ Rows (JSONL, one object per line): {"prompt", "response"}; {"messages": [{"role"
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
+from llm_dist.data.jsonl import read_jsonl_rows
 from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 from llm_dist.tokenizer.pretokenize import GPT2_PATTERN
 
@@ -113,22 +112,7 @@ def row_to_conversation(row: object, where: str, difficulty_field: str = "") -> 
 
 def read_jsonl(path: str, difficulty_field: str = "") -> list[Conversation]:
     """Every row of a JSONL file as a Conversation (blank lines skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: file not found")
-    convs = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            convs.append(row_to_conversation(row, f"{path}:{n}", difficulty_field))
-    if not convs:
-        raise DataError(f"{path}: no rows")
-    return convs
+    return [row_to_conversation(row, where, difficulty_field) for row, where in read_jsonl_rows(path, DataError)]
 
 
 def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:

@@ -20,7 +20,7 @@ from llm_dist.sft.chat import END, Conversation, DataError, read_jsonl
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import open_checkpoints, resolve_path, run_fit, setup_chat_model, write_run_config
+from llm_dist.stages import train_eval_rows, open_checkpoints, run_fit, setup_chat_model, write_run_config
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
@@ -29,16 +29,9 @@ from llm_dist.train.trainer import Trainer, resolve_dtype
 def split_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation]]:
     """(train, held-out): sft.eval_data if given, else a seeded sft.eval_fraction of sft.data."""
     s = cfg.sft
-    if not s.data:
-        raise ConfigError("sft.data: expected a JSONL file of training examples, got ''")
     field = s.difficulty_field if s.curriculum == "difficulty" else ""
-    train = read_jsonl(resolve_path(s.data), field)
-    if s.eval_data:
-        return train, read_jsonl(resolve_path(s.eval_data), field)
-    n_eval = int(len(train) * s.eval_fraction)
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
-    held = set(perm[:n_eval])
-    return [c for i, c in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return train_eval_rows("sft", s.data, s.eval_data, s.eval_fraction, cfg.train.seed,
+                           lambda path: read_jsonl(path, field))
 
 
 def main(cfg: Config) -> int:

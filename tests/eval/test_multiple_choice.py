@@ -77,7 +77,7 @@ def _re(s: str) -> str:
 
 def test_not_json_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "x.jsonl").write_text('{"context": "a"\n')
-    with pytest.raises(MCFormatError, match=r"x\.jsonl:1: not valid JSON"):
+    with pytest.raises(MCFormatError, match=r"x\.jsonl:1: invalid JSON"):
         load_mc(tmp_path / "x.jsonl")
     with pytest.raises(MCFormatError, match="not found"):
         load_mc(tmp_path / "missing.jsonl")

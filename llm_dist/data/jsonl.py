@@ -1,0 +1,29 @@
+"""Reading small JSONL files of examples (SFT rows, preference pairs, multiple-choice questions) with errors
+that name the file and line. Large corpora stream through `llm_dist/data/sources.py` instead."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_jsonl_rows(path: str | Path, error: type[Exception] = ValueError, limit: int = 0) -> list[tuple[object, str]]:
+    """(parsed row, "file:line") for each non-blank line, at most `limit` (0 = all). Raises `error` with one
+    line for a missing file, invalid JSON or a file with no rows."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{path}: file not found")
+    rows: list[tuple[object, str]] = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise error(f"{path}: no rows")
+    return rows
