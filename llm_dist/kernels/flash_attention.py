@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llm_dist.kernels.backend import unsupported_reason, warn_once
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # fixed when this module's kernels were decorated
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two: tl.arange needs them, and tl.dot needs >= 16
@@ -468,31 +467,6 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------- public entry
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0,
-                        sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch attention with the kernel's semantics: (O in q's dtype, natural-log LSE (B, H, Tq) fp32+).
-
-    Materialises the (Tq, Tk) scores in fp32 (float64 stays float64): the test oracle and the fallback.
-    """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q.to(wide).view(B, Hkv, H // Hkv, Tq, D)  # (B, Hkv, G, Tq, D): groups read their K/V head in place
-    s = qg @ k.to(wide).unsqueeze(2).transpose(-2, -1) * scale  # (B, Hkv, G, Tq, Tk)
-    q_pos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-    k_pos = torch.arange(Tk, device=q.device)[None, :]
-    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-    if causal:
-        keep &= k_pos <= q_pos
-    if window:
-        keep &= q_pos - k_pos < window
-    s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G, Tq)
-    o = torch.softmax(s, dim=-1) @ v.to(wide).unsqueeze(2)  # (B, Hkv, G, Tq, D)
-    return o.reshape(B, H, Tq, D).to(q.dtype), lse.reshape(B, H, Tq)
-
-
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0,
                             sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton forward alone, no autograd: (O, natural-log LSE (B, H, Tq) fp32). For tests and benchmarks."""
@@ -502,17 +476,12 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return o, lse2 / LOG2E
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0,
-                    sm_scale: float | None = None) -> torch.Tensor:
+def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0,
+                           sm_scale: float | None = None) -> torch.Tensor:
     """FlashAttention in Triton with autograd; q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> O (B, H, Tq, D).
 
-    Where Triton cannot run (no CUDA and no interpreter, or no triton) this warns once and computes
-    `attention_reference` instead, which materialises the scores: correct, not memory-efficient.
+    Runs the kernels unconditionally; `llm_dist.kernels.flash_attention` checks first that they can run.
     """
     _check(q, k, v, causal, window)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    reason = unsupported_reason(q)
-    if reason is not None:
-        warn_once("flash_attention", f"flash_attention: Triton kernel unavailable ({reason}); using the PyTorch reference")
-        return attention_reference(q, k, v, causal, window, scale)[0]
     return FlashAttentionFunction.apply(q, k, v, causal, window, scale)
