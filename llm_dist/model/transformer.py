@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist.config import ModelConfig, layer_kinds, moe_layers
+from llm_dist.kernels import linear_cross_entropy
 from llm_dist.model.attention import AttnMeta, CausalSelfAttention
 from llm_dist.model.init import normal_
 from llm_dist.model.kv_cache import RollingKVCache
@@ -113,6 +114,9 @@ class Transformer(nn.Module):
         self.streaming = all(k == "local" for k in layer_kinds(cfg)) and cfg.pos_emb in ("rope", "none")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # How the training loss is computed (the `loss` config section; set by build_parallel_model).
+        self.loss_impl = "torch"  # torch: callers take logits to F.cross_entropy | fused: forward(idx, targets)
+        self.loss_chunk_size = 0  # fused: tokens per chunk, 0 = auto
         self.init_weights()
 
     # ---------------------------------------------------------------------------------- initialisation
@@ -209,10 +213,20 @@ class Transformer(nn.Module):
         return self.norm_f(x)
 
     def forward(
-        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+        self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None, ignore_index: int = -100,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding."""
-        return self.lm_head(self.forward_hidden(idx, kv_cache, attn_mask))
+        """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding.
+
+        With `targets` (B, T): instead the summed cross-entropy over targets != ignore_index (float32
+        scalar), from the hidden states and the LM-head weight by the chunked linear + cross-entropy, so
+        the (B*T, V) logits never exist. It runs here, inside the root module's forward, because that is
+        where FSDP has all-gathered `lm_head.weight`.
+        """
+        h = self.forward_hidden(idx, kv_cache, attn_mask)
+        if targets is None:
+            return self.lm_head(h)
+        return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index, self.loss_chunk_size)
 
     def extra_metrics(self) -> dict[str, float]:
         """Model-specific training metrics of the latest forward (MoE routing statistics; {} if dense)."""

@@ -85,6 +85,7 @@ def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype) -> Pa
     strategy = resolve_strategy(cfg.parallel.strategy, rt.world_size)
     with torch.device("meta"):
         model = Transformer(cfg.model)
+    model.loss_impl, model.loss_chunk_size = cfg.loss.impl, cfg.loss.chunk_size  # read by causal_lm_loss
     apply_activation_checkpointing(model.blocks, cfg.parallel)
     sharded = strategy in ("fsdp", "hsdp")
     if cfg.train.compile:
