@@ -476,6 +476,9 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return o, lse2 / LOG2E
 
 
+# torch.compile runs this eagerly (a graph break): the launch logic (autotuned grids, Python chunk loops)
+# is not something to trace, and the kernels are already fused.
+@torch.compiler.disable
 def flash_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0,
                            sm_scale: float | None = None) -> torch.Tensor:
     """FlashAttention in Triton with autograd; q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> O (B, H, Tq, D).

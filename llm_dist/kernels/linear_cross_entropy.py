@@ -62,6 +62,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh * grad_loss.to(dh.dtype), (dw * grad_loss).to(ctx.weight_dtype), None, None, None, None, None, None
 
 
+# torch.compile runs this eagerly (a graph break): the launch logic (autotuned grids, Python chunk loops)
+# is not something to trace, and the kernels are already fused.
+@torch.compiler.disable
 def linear_cross_entropy_chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                                  chunk_size: int = 0, rows_fn: RowsFn = cross_entropy_rows_reference) -> torch.Tensor:
     """Sum over non-ignored rows of cross_entropy(h @ weight.T, targets), never materialising all the logits.

@@ -108,6 +108,9 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), dw_part.sum(0).to(weight.dtype), None
 
 
+# torch.compile runs this eagerly (a graph break): the launch logic (autotuned grids, Python chunk loops)
+# is not something to trace, and the kernels are already fused.
+@torch.compiler.disable
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The fused RMSNorm (runs the kernels unconditionally; `llm_dist.kernels.rms_norm` checks first)."""
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
