@@ -71,7 +71,8 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on attention probabilities, residual branches and embeddings
     bias: bool = True  # biases in linear layers and norms
     tie_embeddings: bool = True  # share the token embedding with the LM head
-    attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | manual (explicit softmax reference)
+    attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | manual (explicit softmax reference) | triton (llm_dist/kernels FlashAttention; SDPA where it cannot run)
+    norm_impl: str = "torch"  # torch | triton (fused RMSNorm kernel from llm_dist/kernels; needs model.norm=rmsnorm)
     init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2*n_layer)
     ops: str = "torch"  # torch | scratch (hand-written Linear, Embedding, softmax, cross-entropy, AdamW, clipping)
     score_head: bool = False  # add a scalar head (reward-model score / PPO value) beside the LM head; set by those stages
@@ -283,6 +284,14 @@ class PPOConfig:
 
 
 @dataclass
+class LossConfig:
+    """How the language-model loss is computed from the final hidden states."""
+
+    impl: str = "torch"  # torch (logits, then F.cross_entropy) | fused (chunked linear + cross-entropy: the (tokens x vocab) logits never exist at once)
+    chunk_size: int = 0  # fused: tokens per chunk; 0 = auto (a chunk's logits about the size of the hidden states)
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -301,6 +310,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, world_size: int = 1) -> "Config":
         """Check every invariant; raise ConfigError naming the key. Returns self for chaining."""
@@ -577,7 +587,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("model.norm", m.norm, ("layernorm", "rmsnorm", "none"))
     _choice("model.norm_position", m.norm_position, ("pre", "post"))
     _choice("model.pos_emb", m.pos_emb, ("learned", "sinusoidal", "rope", "none"))
-    _choice("model.attn_impl", m.attn_impl, ("sdpa", "manual"))
+    _choice("model.attn_impl", m.attn_impl, ("sdpa", "manual", "triton"))
+    _choice("model.norm_impl", m.norm_impl, ("torch", "triton"))
+    if m.norm_impl == "triton" and m.norm != "rmsnorm":
+        raise ConfigError(f"model.norm_impl=triton is the fused RMSNorm and needs model.norm=rmsnorm, got {m.norm!r}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: expected a value in [0, 1), got {m.dropout}")
     _positive("model.init_std", m.init_std)
@@ -671,6 +684,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_rl(cfg.rl)
     _validate_reward(cfg.reward)
     _validate_ppo(cfg.ppo)
+    _validate_loss(cfg.loss, m)
 
 
 _PROFILE_SORT_KEYS = ("auto", "self_cpu_time_total", "cpu_time_total", "self_device_time_total", "device_time_total",
@@ -685,6 +699,14 @@ def _validate_profile(p: ProfileConfig) -> None:
     _positive("profile.row_limit", p.row_limit)
     _choice("profile.trace", p.trace, ("tensorboard", "chrome"))
     _choice("profile.sort_by", p.sort_by, _PROFILE_SORT_KEYS)
+
+
+def _validate_loss(loss: LossConfig, m: ModelConfig) -> None:
+    """loss.* invariants."""
+    _choice("loss.impl", loss.impl, ("torch", "fused"))
+    _positive("loss.chunk_size", loss.chunk_size, allow_zero=True)
+    if loss.impl == "fused" and m.ops == "scratch":
+        raise ConfigError("loss.impl=fused needs model.ops=torch (the scratch model uses its hand-written cross-entropy)")
 
 
 def _validate_sft(s: SFTConfig) -> None:

@@ -100,7 +100,7 @@ def resume_candidates(cfg: Config, ckpt_dir: str) -> list[str]:
 
 
 # Model keys that change how the same parameters are computed, not which parameters exist: free to differ.
-_RUNTIME_MODEL_KEYS = ("dropout", "attn_impl", "preset", "ops")
+_RUNTIME_MODEL_KEYS = ("dropout", "attn_impl", "norm_impl", "preset", "ops")
 
 
 def check_model_matches(cfg: Config, ckpt_config: dict, path: str) -> None:

@@ -18,6 +18,10 @@ Implementations (picked by `cfg.attn_impl`):
               runs `local_attention`, which only computes the (T, 2*window + sinks) band, not (T, T).
 * `manual` -- the reference: explicit QK^T, the boolean mask above, softmax, dropout, @V. Tests hold the
               fast paths equal to it.
+* `triton` -- the project's FlashAttention kernels (`llm_dist/kernels`) for training-shaped calls: positions
+              0..T-1 without padding, full causal or a sliding window, no sinks, no attention dropout, head
+              dim 16/32/64/128. Anything else (KV-cache decoding, padded or packed-document masks, sinks,
+              dropout > 0, or no GPU / Triton) takes the `sdpa` path, with a one-time warning naming why.
 
 Query head h reads K/V head h // (n_head / n_kv_head): the `repeat_interleave` grouping that
 `enable_gqa` uses and that Llama checkpoints assume.
@@ -34,12 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig, layer_kinds
+from llm_dist.kernels.backend import unsupported_reason, warn_once
 from llm_dist.model.layers import _init_linear, apply_rope, make_linear, upcast
 
 if TYPE_CHECKING:  # the caches import nothing from here; only the type is needed
     from llm_dist.model.kv_cache import KVCache, RollingKVCache
 
 SoftmaxFn = Callable[[torch.Tensor, int], torch.Tensor]
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # head dims the FlashAttention kernel is built for (= kernels.flash_attention.HEAD_DIMS)
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -240,6 +246,10 @@ class CausalSelfAttention(nn.Module):
             if self.scratch:
                 from llm_dist.model.scratch import softmax  # local: scratch imports layers, not attention
             y = manual_attention(q, k, v, dropout_p=p, mask=mask, softmax=softmax)
+        elif self.impl == "triton" and self._triton_usable(q, kv_cache, meta, p):
+            from llm_dist.kernels.flash_attention import flash_attention_triton  # imports triton: only when used
+
+            y = flash_attention_triton(q, k, v, causal=True, window=self.window)  # (B, H, T, D)
         elif mask is not None and kv_cache is None and meta.plain and T >= 4 * self.window:
             y = local_attention(q, k, v, self.window, self.sinks, dropout_p=p)  # the banded fast path
         else:
@@ -248,6 +258,26 @@ class CausalSelfAttention(nn.Module):
         y = self.wo(y)
         # Skipping the no-op module call (dropout 0) is measurable in one-token decode steps of small models.
         return self.resid_dropout(y) if self.dropout else y
+
+    def _triton_usable(self, q: torch.Tensor, kv_cache: object, meta: AttnMeta, dropout_p: float) -> bool:
+        """Whether this call fits the FlashAttention kernel; if not, warn once (per reason) and say False."""
+        reason = None
+        if kv_cache is not None:
+            reason = "KV-cache decoding"
+        elif not meta.plain:
+            reason = "padded or packed-document attention masks"
+        elif self.sinks:
+            reason = "attention sinks (model.attn.sinks)"
+        elif dropout_p:
+            reason = "attention dropout (model.dropout > 0)"
+        elif self.head_dim not in TRITON_HEAD_DIMS:
+            reason = f"head dim {self.head_dim} (the kernel takes {', '.join(map(str, TRITON_HEAD_DIMS))})"
+        else:
+            reason = unsupported_reason(q)
+        if reason is None:
+            return True
+        warn_once(f"attn_impl=triton:{reason}", f"model.attn_impl=triton: using SDPA for {reason}")
+        return False
 
     def init_weights(self, std: float, out_std: float, generator: torch.Generator | None = None) -> None:
         for lin in (self.wq, self.wk, self.wv):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig
+from llm_dist.kernels.backend import unsupported_reason, warn_once
 from llm_dist.model import scratch
 from llm_dist.model.init import normal_
 
@@ -46,16 +47,26 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, no centring, no bias.
 
     The statistic is computed in float32 even for bf16/fp16 inputs: mean(x^2) over a few thousand
-    channels overflows fp16 and loses most of its mantissa in bf16.
+    channels overflows fp16 and loses most of its mantissa in bf16. `impl="triton"` (model.norm_impl) runs
+    the same arithmetic as one fused kernel (llm_dist/kernels/rmsnorm.py) where Triton can run, and this
+    code, after a one-time warning, where it cannot.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, impl: str = "torch"):
         super().__init__()
         self.eps = eps
+        self.impl = impl
         self.weight = nn.Parameter(torch.empty(dim))
         self.init_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "triton":
+            reason = unsupported_reason(x)
+            if reason is None:
+                from llm_dist.kernels.rmsnorm import rms_norm_triton  # imports triton: only when used
+
+                return rms_norm_triton(x, self.weight, self.eps)
+            warn_once("norm_impl=triton", f"model.norm_impl=triton: using the PyTorch RMSNorm ({reason})")
         xf = upcast(x)  # (..., C)
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (y * upcast(self.weight)).type_as(x)
@@ -89,7 +100,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "layernorm":
         return LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps, impl=cfg.norm_impl)
     if cfg.norm == "none":
         return NoNorm()
     raise ValueError(f"unknown norm {cfg.norm!r}")

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist.config import ModelConfig, layer_kinds, moe_layers
+from llm_dist.kernels import linear_cross_entropy
 from llm_dist.model.attention import AttnMeta, CausalSelfAttention
 from llm_dist.model.init import normal_
 from llm_dist.model.kv_cache import RollingKVCache
@@ -115,6 +116,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         # A scalar per position: the reward model's score (read at the last token) or PPO's value.
         self.score_head = make_linear(cfg, cfg.n_embd, 1) if cfg.score_head else None
+        # How the training loss is computed (the `loss` config section; set by build_parallel_model).
+        self.loss_impl = "torch"  # torch: callers take logits to F.cross_entropy | fused: forward(idx, targets)
+        self.loss_chunk_size = 0  # fused: tokens per chunk, 0 = auto
         self.init_weights()
 
     # ---------------------------------------------------------------------------------- initialisation
@@ -218,16 +222,22 @@ class Transformer(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-        head: str = "lm",
+        head: str = "lm", targets: torch.Tensor | None = None, ignore_index: int = -100,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, T) -> logits (B, T, padded_vocab_size). Columns >= vocab_size are padding.
 
         head="score": the scalar head's output (B, T) in fp32 instead; head="both": (logits, scores).
         Both go through this forward (not a side method) so FSDP's and DDP's hooks see the head's use.
+        With `targets` (B, T) (head="lm"): instead the summed cross-entropy over targets != ignore_index
+        (float32 scalar), from the hidden states and the LM-head weight by the chunked linear +
+        cross-entropy, so the (B*T, V) logits never exist. It runs here, inside the root module's forward,
+        because that is where FSDP has all-gathered `lm_head.weight`.
         """
         h = self.forward_hidden(idx, kv_cache, attn_mask)  # (B, T, C)
         if head == "lm":
-            return self.lm_head(h)
+            if targets is None:
+                return self.lm_head(h)
+            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index, self.loss_chunk_size)
         if self.score_head is None:
             raise ValueError(f"head={head!r} needs a model built with model.score_head=true")
         scores = self.score_head(h).squeeze(-1).float()  # (B, T)

@@ -95,6 +95,7 @@ def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype, froze
         if name not in params:
             raise KeyError(f"cannot freeze {name!r}: the model has no such parameter")
         params[name].requires_grad_(False)
+    model.loss_impl, model.loss_chunk_size = cfg.loss.impl, cfg.loss.chunk_size  # read by causal_lm_loss
     apply_activation_checkpointing(model.blocks, cfg.parallel)
     sharded = strategy in ("fsdp", "hsdp")
     if cfg.train.compile:

@@ -46,12 +46,17 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     weighted by its coefficients) as aux * n, n = this micro-batch's targets. The trainer divides the
     summed loss by the global target count N, so the objective becomes mean CE + sum_mb (n_mb / N) * aux_mb:
     each micro-batch's aux loss weighted like its tokens, which is aux itself when there is one micro-batch.
+    With `loss.impl=fused` the model returns the summed loss itself (`Transformer.forward(x, targets=y)`).
     """
     x, y = batch[0], batch[1]  # (B, T), (B, T)
-    logits = model(x)  # (B, T, V_padded)
-    # fp32 log-softmax: bf16 logits lose ~3 significant digits, which shows up directly in the loss.
-    ce = cross_entropy_for(model)  # F.cross_entropy, or the hand-written one under model.ops=scratch
-    loss = ce(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if getattr(getattr(model, "module", model), "loss_impl", "torch") == "fused":  # loss.impl (bare, DDP or FSDP)
+        # The model computes the loss from its hidden states in chunks: no (B, T, V) logits (llm_dist/kernels).
+        loss = model(x, targets=y, ignore_index=IGNORE_INDEX)
+    else:
+        logits = model(x)  # (B, T, V_padded)
+        # fp32 log-softmax: bf16 logits lose ~3 significant digits, which shows up directly in the loss.
+        ce = cross_entropy_for(model)  # F.cross_entropy, or the hand-written one under model.ops=scratch
+        loss = ce(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     n = (y != IGNORE_INDEX).sum()
     aux = moe_aux_loss(model) if model.training else None
     if aux is not None:

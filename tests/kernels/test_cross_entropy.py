@@ -1,0 +1,122 @@
+"""Chunked linear + cross-entropy (PyTorch rows and the Triton row kernel) against F.cross_entropy in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llm_dist.kernels import auto_chunk_size, cross_entropy_rows_reference, linear_cross_entropy
+from llm_dist.kernels.linear_cross_entropy import linear_cross_entropy_chunked
+
+from tests.kernels.kernel_helpers import DEVICE, TOL, needs_cuda, needs_triton, quiet_interpreter, rel_err
+
+pytestmark = quiet_interpreter
+IGNORE = -100
+
+
+def _data(N: int, C: int, V: int, dtype: torch.dtype = torch.float32, device: str = DEVICE, ignore_every: int = 5):
+    h = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, C, device=device, dtype=dtype) / C ** 0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), device=device)
+    if ignore_every:
+        t[::ignore_every] = IGNORE
+    return h, w, t
+
+
+def _compare(loss_fn, N: int, C: int, V: int, dtype: torch.dtype, device: str = DEVICE) -> None:  # noqa: ANN001
+    h, w, t = _data(N, C, V, dtype, device)
+    loss = loss_fn(h, w, t)
+    (0.5 * loss).backward()  # a non-unit incoming gradient: backward must scale the stored gradients
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w64.t(), t, ignore_index=IGNORE, reduction="sum")
+    (0.5 * ref).backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == dtype and w.grad.dtype == dtype
+    tol = TOL[dtype]
+    for name, got, want in (("loss", loss, ref), ("dh", h.grad, h64.grad), ("dw", w.grad, w64.grad)):
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("N, C, V, chunk", [(37, 16, 100, 8), (50, 32, 70, 0), (64, 16, 130, 64), (9, 8, 50, 100)])
+def test_pytorch_chunked_matches_cross_entropy(N: int, C: int, V: int, chunk: int) -> None:
+    _compare(lambda h, w, t: linear_cross_entropy_chunked(h, w, t, IGNORE, chunk), N, C, V, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("N, C, V, chunk, dtype", [(37, 16, 100, 8, torch.float32), (40, 16, 130, 16, torch.float16),
+                                                   (20, 32, 70, 0, torch.float32)])
+def test_triton_rows_match_cross_entropy(N: int, C: int, V: int, chunk: int, dtype: torch.dtype) -> None:
+    from llm_dist.kernels.cross_entropy import cross_entropy_rows_triton
+
+    _compare(lambda h, w, t: linear_cross_entropy_chunked(h, w, t, IGNORE, chunk, cross_entropy_rows_triton),
+             N, C, V, dtype)
+
+
+@needs_triton
+def test_triton_row_kernel_equals_reference_rows() -> None:
+    from llm_dist.kernels.cross_entropy import cross_entropy_rows_triton
+
+    logits = torch.randn(6, 200, device=DEVICE) * 4
+    t = torch.tensor([0, 199, IGNORE, 5, 64, 100], device=DEVICE)
+    a, b = logits.clone(), logits.clone()
+    la, lb = cross_entropy_rows_triton(a, t, IGNORE, True), cross_entropy_rows_reference(b, t, IGNORE, True)
+    assert rel_err(la, lb) < 1e-5 and rel_err(a, b) < 1e-5
+    assert la[2] == 0 and (a[2] == 0).all()  # ignored row: no loss, no gradient
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradients() -> None:
+    h, w, t = _data(12, 8, 30)
+    t[:] = IGNORE
+    loss = linear_cross_entropy(h, w, t, IGNORE, chunk_size=5)
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+def test_no_grad_computes_the_loss_only() -> None:
+    h, w, t = _data(20, 8, 30)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, t, IGNORE, chunk_size=8)
+    ref = F.cross_entropy(h.detach() @ w.detach().t(), t, ignore_index=IGNORE, reduction="sum")
+    assert loss.grad_fn is None and rel_err(loss, ref) < 1e-6
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op produces (element count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_logits_never_exist_beyond_one_chunk() -> None:
+    """Forward + backward of the chunked loss never create an (N, V) tensor, only (chunk, V) ones."""
+    N, C, V, chunk = 256, 16, 500, 32
+    h, w, t = _data(N, C, V, device="cpu")
+    with _LargestAllocation() as mode:
+        linear_cross_entropy_chunked(h, w, t, IGNORE, chunk).backward()
+    assert mode.largest == chunk * V < N * V
+    with _LargestAllocation() as mode:  # the unfused path, for contrast
+        F.cross_entropy(h @ w.t(), t, ignore_index=IGNORE, reduction="sum").backward()
+    assert mode.largest == N * V
+
+
+def test_auto_chunk_size_keeps_chunk_logits_within_hidden_size() -> None:
+    assert auto_chunk_size(8192, 768, 50304) == 64  # 8192*768/50304 = 125.1 -> 64
+    for n, c, v in [(1000, 64, 300), (7, 16, 5000), (4096, 4096, 128256)]:
+        chunk = auto_chunk_size(n, c, v)
+        assert chunk >= 1 and chunk & (chunk - 1) == 0 and (chunk == 1 or chunk * v <= n * c)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_gpt2_vocab(dtype: torch.dtype) -> None:
+    _compare(lambda h, w, t: linear_cross_entropy(h, w, t, IGNORE, 0), 2048, 256, 50304, dtype, device="cuda")

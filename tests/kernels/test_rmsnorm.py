@@ -1,0 +1,57 @@
+"""Fused RMSNorm (Triton) forward, dx and dweight against float64; the model's RMSNorm with norm_impl=triton."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_dist.kernels import rms_norm_reference
+from llm_dist.model.layers import RMSNorm
+
+from tests.kernels.kernel_helpers import DEVICE, TOL, needs_cuda, needs_triton, quiet_interpreter, rel_err
+
+pytestmark = [needs_triton, quiet_interpreter]
+
+
+def _check(shape: tuple, dtype: torch.dtype, device: str = DEVICE, eps: float = 1e-5) -> None:
+    from llm_dist.kernels.rmsnorm import rms_norm_triton
+
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(shape[-1], device=device)).requires_grad_()  # fp32 weight, as the model keeps it
+    y = rms_norm_triton(x, w, eps)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = rms_norm_reference(x64, w64, eps)
+    y64.backward(dy.double())
+    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    tol = TOL[dtype]
+    for name, got, ref in (("y", y, y64), ("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad)):
+        err = rel_err(got, ref)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5, 48), torch.float32), ((2, 3, 33), torch.float32),
+                                          ((7, 100), torch.float16), ((1, 64), torch.float32), ((9, 130), torch.float32)])
+def test_matches_float64_reference(shape: tuple, dtype: torch.dtype) -> None:
+    _check(shape, dtype)
+
+
+def test_model_module_with_triton_impl_equals_torch_impl() -> None:
+    x = torch.randn(2, 7, 40, device=DEVICE, requires_grad=True)
+    ref, fused = RMSNorm(40, eps=1e-6).to(DEVICE), RMSNorm(40, eps=1e-6, impl="triton").to(DEVICE)
+    with torch.no_grad():
+        ref.weight.normal_(1.0, 0.2)
+        fused.weight.copy_(ref.weight)
+    (ref(x) * torch.arange(40, device=DEVICE)).sum().backward()
+    g_ref, x.grad = x.grad.clone(), None
+    (fused(x) * torch.arange(40, device=DEVICE)).sum().backward()
+    assert rel_err(x.grad, g_ref) < TOL[torch.float32]
+    assert rel_err(fused.weight.grad, ref.weight.grad) < TOL[torch.float32]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4, 1024, 768), (8192, 4096), (3, 1000, 2049)])
+def test_gpu_large_shapes(shape: tuple, dtype: torch.dtype) -> None:
+    _check(shape, dtype, device="cuda")
