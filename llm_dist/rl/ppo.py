@@ -78,7 +78,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, eps: floa
     return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask.to(x.dtype)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance_moments(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-rank sums for 1 - Var(R - V) / Var(R) over the mask: (moments of R - V, moments of R), (6,)."""
     return torch.cat([masked_moments(returns - values, mask), masked_moments(returns, mask)])
 

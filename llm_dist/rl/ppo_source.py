@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from llm_dist import distributed as D
 from llm_dist.config import Config
-from llm_dist.rl.ppo import (AdaptiveKL, explained_variance, gae, kl_per_token, masked_moments, token_rewards,
+from llm_dist.rl.ppo import (AdaptiveKL, explained_variance_moments, gae, kl_per_token, masked_moments, token_rewards,
                              variance_from_moments, whiten)
 from llm_dist.rl.rollout import all_gather_cat, logprobs_from_logits, sequence_batch
 from llm_dist.rl.source import Rollout, RolloutSource, split_logprobs_entropy, timing
@@ -125,7 +125,7 @@ class PPOSource(RolloutSource):
         # One all-reduce for every global statistic: advantage moments (whitening), explained-variance
         # moments, KL, entropy, scores, lengths.
         local = torch.cat([sum(masked_moments(c[5], c[2]) for c in chunks),
-                           sum(explained_variance(c[4], c[6], c[2]) for c in chunks),
+                           sum(explained_variance_moments(c[4], c[6], c[2]) for c in chunks),
                            torch.stack([sum(c[7].double().sum() for c in chunks), ent_sum.to(self.device),
                                         sum(c[4].double().sum() for c in chunks),
                                         sum(c[6].double().sum() for c in chunks)]).to(self.device).double()])

@@ -89,8 +89,9 @@ def check_batch(cfg: Config, world_size: int, algo: str = "grpo") -> None:
                           f"train.batch_size ({t.batch_size} / {world_size} ranks = {share})")
     n_mb = cfg.ppo.num_minibatches
     if algo == "ppo" and (share % n_mb or (share // n_mb) % t.micro_batch_size):
-        raise ConfigError(f"ppo.num_minibatches={n_mb}: each rank's share of train.batch_size ({share}) must split "
-                          f"into {n_mb} minibatches of whole micro-batches (train.micro_batch_size={t.micro_batch_size})")
+        raise ConfigError(f"ppo.num_minibatches={n_mb}: each rank's share of train.batch_size ({share}) must "
+                          f"split into {n_mb} minibatches of whole micro-batches "
+                          f"(train.micro_batch_size={t.micro_batch_size})")
 
 
 def main(cfg: Config) -> int:
