@@ -66,5 +66,5 @@ def test_a_failing_configuration_is_reported_not_fatal(tmp_path: Path) -> None:
                         "--warmup", "0", "--device", "cpu", "--cores", "1"], cwd=REPO, env=cpu_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 1
-    assert "exit 1: llm_dist.config.ConfigError: model.n_embd=32 must be divisible by model.n_head=3" in p.stdout
+    assert "ConfigError: model.n_embd=32 must be divisible by model.n_head=3" in p.stdout
     assert "| single | none | off | auto | failed: exit 1" in p.stdout

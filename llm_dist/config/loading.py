@@ -1,0 +1,198 @@
+"""Loading a Config: YAML files (safe_load), `model.preset`, dotted `key=value` overrides, type checks,
+closest-key hints for unknown keys, and the CLI's `--config` / `--help-config` parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm_dist.config.schema import Config, ConfigError
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value to the field's type (strings from the CLI are parsed here)."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - only the leaf types above are used in Config
+        raise TypeError(f"unsupported config field type {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(valid)})")
+
+
+def apply_dict(obj: Any, data: dict, prefix: str = "") -> None:
+    """Merge a nested dict into a dataclass instance in place, type-checking every leaf."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = _fields(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown_key(key, str(name), list(fields))
+        tp = fields[name]
+        if dataclasses.is_dataclass(tp):
+            apply_dict(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key))
+
+
+def apply_override(cfg: Config, arg: str) -> None:
+    """Apply one dotted `key=value` override, e.g. `optim.lr=3e-4` or `model.n_layer=6`."""
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r}: expected key=value, e.g. train.max_steps=100")
+    key, raw = arg.split("=", 1)
+    parts = key.strip().split(".")
+    obj: Any = cfg
+    for i, name in enumerate(parts):
+        fields = _fields(type(obj))
+        sub = ".".join(parts[: i + 1])
+        if name not in fields:
+            raise _unknown_key(sub, name, list(fields))
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(fields[name]):
+                raise ConfigError(f"override {arg!r}: {sub} is a section; set one of its keys, e.g. {sub}.{next(iter(_fields(fields[name])))}=...")
+            setattr(obj, name, _coerce(raw, fields[name], sub))
+        else:
+            if not dataclasses.is_dataclass(fields[name]):
+                raise ConfigError(f"override {arg!r}: {sub} is a value, not a section")
+            obj = getattr(obj, name)
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or `base`) < model preset < YAML < overrides. Does not validate (call `.validate`)."""
+    from llm_dist.model.presets import get_preset  # local: config must import without the model package
+
+    cfg = base if base is not None else Config()
+    data = _read_yaml(path) if path else {}
+    overrides = list(overrides or [])
+    # The preset is applied first so that explicit keys (YAML or CLI) always win over it.
+    preset = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("model.preset=")), None)
+    if preset is None:
+        preset = (data.get("model") or {}).get("preset") if isinstance(data.get("model"), dict) else None
+    if preset:
+        try:
+            apply_dict(cfg.model, get_preset(str(preset)), "model.")
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+    try:
+        apply_dict(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for o in overrides:
+        apply_override(cfg, o)
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, default_config: str | None = None) -> Config:
+    """`[--config PATH] [key=value ...]` -> Config (not yet validated). `--help` prints the keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = default_config
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            print(help_text())
+            raise SystemExit(0)
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config: expected a path after it")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("--"):
+            raise ConfigError(f"unknown option {a!r}; expected --config PATH or key=value overrides")
+        else:
+            rest.append(a)
+        i += 1
+    return load_config(path, rest)
+
+
+def _section_paths(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dataclass name -> dotted config path of every (nested) section below `cls`."""
+    out: dict[str, str] = {}
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out[tp.__name__] = prefix + name
+            out.update(_section_paths(tp, prefix + name + "."))
+    return out
+
+
+def help_text() -> str:
+    """Every key with its default and comment, read from this file's dataclasses."""
+    src = Path(__file__).read_text().splitlines()
+    lines = ["usage: [--config PATH] [section.key=value ...]", ""]
+    section = ""
+    paths = _section_paths(Config)  # "MoEConfig" -> "model.moe": nested sections print their dotted path
+    for line in src:
+        s = line.strip()
+        if s.startswith("class ") and s.endswith("Config:") and s != "class Config:":
+            section = paths.get(s[6:-1], s[6:-7].lower())  # "class ModelConfig:" -> "model"
+        elif section and ":" in s and "=" in s and "#" in s and not s.startswith(("def", "#", "raise", "if")):
+            name = s.split(":", 1)[0]
+            lines.append(f"  {section}.{name} = {s.split('=', 1)[1].split('#')[0].strip():<12} # {s.split('#', 1)[1].strip()}")
+        elif s.startswith("class Config"):
+            section = ""
+    return "\n".join(lines)
