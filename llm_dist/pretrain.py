@@ -24,10 +24,10 @@ from llm_dist.model.transformer import Transformer, model_summary
 from llm_dist.parallel import build_parallel_model
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, open_checkpoints,  # noqa: F401
-                             resolve_path, resolve_vocab, run_fit, write_run_config)
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, checkpoint_saver,  # noqa: F401
+                             open_checkpoints, resolve_path, resolve_vocab, run_fit, stage_throughput,
+                             write_run_config)
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
@@ -96,14 +96,9 @@ def main(cfg: Config) -> int:
 
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-        peak = peak_flops(rt.device, amp, cfg.logging.peak_tflops)
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak, rt.world_size)
-
-        def save() -> None:
-            ckpt.save(trainer.state.step, trainer.model_optim_state(),
-                      {**trainer.train_state(), "loader": loader.state_dict()}, cfg.to_yaml(), tok,
-                      cfg.tokenizer.name, meta={"tokens_seen": trainer.state.tokens_seen, "strategy": pm.strategy})
+        throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
+        save = checkpoint_saver(ckpt, trainer, cfg, tok, cfg.tokenizer.name, pm.strategy,
+                                lambda: {"loader": loader.state_dict()})
 
         byte_lengths = token_byte_lengths(tok, pm.model.padded_vocab_size)
 

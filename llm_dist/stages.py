@@ -17,7 +17,10 @@ from llm_dist import distributed as D
 from llm_dist.checkpoint import (CheckpointManager, find_latest, list_checkpoints, load_checkpoint, read_config,
                                  resolve_checkpoint, set_rng_state, verify)
 from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
+from llm_dist.distributed import Runtime
+from llm_dist.model.transformer import Transformer
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by the scheduler's signal, checkpoint saved, resubmit me
@@ -157,6 +160,28 @@ def open_checkpoints(cfg: Config, trainer: Trainer, out_dir: Path, load_extra: C
         init_from_checkpoint(trainer.raw_model, init_url, cfg.model.vocab_size)
     trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish before params change
     return ckpt, resumed
+
+
+def stage_throughput(cfg: Config, rt: Runtime, model: Transformer, amp_dtype: torch.dtype, seq_len: int
+                     ) -> Throughput:
+    """The tokens/s and MFU meter of a stage: the model's FLOPs per token over the device's peak for the
+    training dtype (`logging.peak_tflops` overrides), across all ranks."""
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+    return Throughput(model.flops_per_token(seq_len), peak_flops(rt.device, amp, cfg.logging.peak_tflops),
+                      rt.world_size)
+
+
+def checkpoint_saver(ckpt: CheckpointManager, trainer: Trainer, cfg: Config, tok: Tokenizer, tok_name: str,
+                     strategy: str, data_state: Callable[[], dict], stage: str | None = None) -> Callable[[], None]:
+    """`save()` for `run_fit`: the model/optimizer shards, the trainer's counters plus `data_state()` (the data
+    position: {"loader": ...} or {"rollout": ...}), the resolved config and the tokenizer."""
+
+    def save() -> None:
+        meta = {"tokens_seen": trainer.state.tokens_seen, "strategy": strategy, **({"stage": stage} if stage else {})}
+        ckpt.save(trainer.state.step, trainer.model_optim_state(), {**trainer.train_state(), **data_state()},
+                  cfg.to_yaml(), tok, tok_name, meta=meta)
+
+    return save
 
 
 def write_run_config(cfg: Config, out_dir: Path) -> None:

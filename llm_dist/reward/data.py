@@ -150,23 +150,22 @@ def tokenize_pairs(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, margin: 
     return out, cut
 
 
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences -> (x (n, T) right-padded with pad_id, last (n,) index of each one's last token)."""
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return x, torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
+
+
 def pair_tensors(pairs: Sequence[TokenPair | None], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(x (2m, T), y (m,), last (2m,), margin (m,)) of m pairs; None = a padding pair (y = IGNORE_INDEX)."""
-    real = [p for p in pairs if p is not None]
-    T = max((max(len(p.chosen), len(p.rejected)) for p in real), default=1)
-    m = len(pairs)
-    x = torch.full((2 * m, T), pad_id, dtype=torch.long)
-    last = torch.zeros(2 * m, dtype=torch.long)
-    y = torch.full((m,), IGNORE_INDEX, dtype=torch.long)
-    margin = torch.zeros(m)
-    for i, p in enumerate(pairs):
-        if p is None:
-            continue
-        for row, ids in ((i, p.chosen), (m + i, p.rejected)):
-            x[row, : len(ids)] = torch.tensor(ids)
-            last[row] = len(ids) - 1
-        y[i] = 0
-        margin[i] = p.margin
+    """(x (2m, T), y (m,), last (2m,), margin (m,)) of m pairs; None = a padding pair (y = IGNORE_INDEX, its
+    rows a single pad token)."""
+    pad = [pad_id]
+    x, last = right_pad([p.chosen if p else pad for p in pairs] + [p.rejected if p else pad for p in pairs], pad_id)
+    y = torch.tensor([IGNORE_INDEX if p is None else 0 for p in pairs], dtype=torch.long)
+    margin = torch.tensor([0.0 if p is None else p.margin for p in pairs])
     return x, y, last, margin
 
 

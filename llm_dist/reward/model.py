@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist.config import ConfigError
+from llm_dist.reward.data import right_pad
 from llm_dist.reward.loss import last_token_scores
 from llm_dist.tokenizer import Tokenizer
 
@@ -53,11 +54,6 @@ def score_sequences(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int
     T_max = model.cfg.block_size
     out = []
     for i in range(0, len(seqs), batch_size):
-        chunk = [list(s)[-T_max:] for s in seqs[i:i + batch_size]]
-        T = max(len(s) for s in chunk)
-        x = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        for j, s in enumerate(chunk):
-            x[j, : len(s)] = torch.tensor(s)
-        last = torch.tensor([len(s) - 1 for s in chunk])
+        x, last = right_pad([list(s)[-T_max:] for s in seqs[i:i + batch_size]], pad_id)  # (b, T), (b,)
         out.append(last_token_scores(model, x.to(device), last.to(device)).float().cpu())
     return torch.cat(out)

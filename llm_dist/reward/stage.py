@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
@@ -22,9 +21,9 @@ from llm_dist.parallel import build_parallel_model
 from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
 from llm_dist.reward.loss import RewardLoss
 from llm_dist.sft.chat import END, DataError
-from llm_dist.stages import train_eval_rows, open_checkpoints, run_fit, setup_chat_model, write_run_config
+from llm_dist.stages import (checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
+                             train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
 
 
@@ -64,15 +63,11 @@ def main(cfg: Config) -> int:
         ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]), init_url)
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp, cfg.logging.peak_tflops),
-                                rt.world_size)
+        throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
         eval_batches = loader.eval_batches(eval_tp, max_rows=r.eval_pairs) if eval_tp else []
 
-        def save() -> None:
-            ckpt.save(trainer.state.step, trainer.model_optim_state(),
-                      {**trainer.train_state(), "loader": loader.state_dict()}, cfg.to_yaml(), tok, tok.name,
-                      meta={"tokens_seen": trainer.state.tokens_seen, "strategy": pm.strategy, "stage": "reward"})
+        save = checkpoint_saver(ckpt, trainer, cfg, tok, tok.name, pm.strategy,
+                                lambda: {"loader": loader.state_dict()}, stage="reward")
 
         def evaluate() -> dict[str, float]:
             loss.reset_stats()

@@ -28,8 +28,9 @@ from llm_dist import distributed as D
 from llm_dist.config import Config
 from llm_dist.rl.ppo import (AdaptiveKL, explained_variance_moments, gae, kl_per_token, masked_moments, token_rewards,
                              variance_from_moments, whiten)
-from llm_dist.rl.rollout import all_gather_cat, logprobs_from_logits, sequence_batch
-from llm_dist.rl.source import Rollout, RolloutSource, split_logprobs_entropy, timing
+from llm_dist.rl.rollout import logprobs_from_logits, sequence_batch
+from llm_dist.rl.source import (Rollout, RolloutSource, gather_rewards_and_lengths, split_logprobs_entropy,
+                                timing)
 from llm_dist.rl.tasks import Task
 from llm_dist.rl.tasks.base import stable_hash
 from llm_dist.tokenizer import Tokenizer
@@ -131,8 +132,7 @@ class PPOSource(RolloutSource):
                                         sum(c[6].double().sum() for c in chunks)]).to(self.device).double()])
         g = D.all_reduce_sum(local.to(self.device)).cpu()
         adv_moments, ev, (kl_sum, ent_all, v_sum, r_sum) = g[:3], g[3:9], g[9:].tolist()
-        all_scores = all_gather_cat(scores.to(self.device)).cpu()  # (N,)
-        all_len = all_gather_cat(torch.tensor([len(c) for c in comps], dtype=torch.float32, device=self.device)).cpu()
+        all_scores, all_len = gather_rewards_and_lengths(scores, comps, self.device)  # (N,) each
 
         samples = []
         for x, y, mask, logp, values, adv, ret, _ in chunks:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
 from llm_dist.rl.grpo import aggregation_weights, group_advantages
-from llm_dist.rl.rollout import all_gather_cat, my_samples, sequence_batch
+from llm_dist.rl.rollout import all_gather_cat, logprobs_from_logits, my_samples, sequence_batch
 from llm_dist.rl.tasks import Task
 from llm_dist.rl.tasks.base import TaskItem, stable_hash
 from llm_dist.reward.model import score_sequences
@@ -63,11 +63,19 @@ def logprobs_and_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, voc
 def split_logprobs_entropy(logits: torch.Tensor, y: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_and_entropy` from given logits (n, T, V_padded)."""
     logits = logits.float()
-    mask = y != IGNORE_INDEX
-    logp = F.log_softmax(logits, dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    logp = logprobs_from_logits(logits, y)  # (n, T)
     true = F.log_softmax(logits[..., :vocab], dim=-1)  # (n, T, V)
-    ent = -(true.exp() * true).sum(-1) * mask
+    ent = -(true.exp() * true).sum(-1) * (y != IGNORE_INDEX)
     return logp, ent
+
+
+def gather_rewards_and_lengths(rewards: torch.Tensor, comps: Sequence[Sequence[int]], device: torch.device
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rewards (n,) and completion lengths, concatenated in sample order: (N,) each on the CPU
+    (one all-gather of an (n, 2) tensor)."""
+    lengths = torch.tensor([len(c) for c in comps], dtype=torch.float32)
+    both = all_gather_cat(torch.stack([rewards.float(), lengths], dim=1).to(device)).cpu()  # (N, 2)
+    return both[:, 0].contiguous(), both[:, 1].contiguous()
 
 
 def timing(t_generate: float, t_score: float, global_tokens: int) -> dict[str, float]:
@@ -187,9 +195,7 @@ class RolloutSource:
         r, mb = self.cfg.rl, self.cfg.train.micro_batch_size
         t0 = time.perf_counter()
         prompts, comps, rewards, t_gen = self.sample(rollout, prompt_pos)
-        lengths = torch.tensor([len(c) for c in comps], dtype=torch.float32)
-        all_r = all_gather_cat(rewards.to(self.device)).cpu()  # (N,) in sample order, every rank
-        all_len = all_gather_cat(lengths.to(self.device)).cpu()  # (N,)
+        all_r, all_len = gather_rewards_and_lengths(rewards, comps, self.device)  # (N,) each, sample order
         adv = group_advantages(all_r, self.G, r.scale_rewards)[self.mine.start:self.mine.stop]  # (n_local,)
         n_tok = int(all_len.sum())
 

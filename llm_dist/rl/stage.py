@@ -39,10 +39,10 @@ from llm_dist.rl.source import RolloutSource, chat_prompt
 from llm_dist.rl.tasks import Task, get_task
 from llm_dist.sft.chat import END
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import init_from_checkpoint, open_checkpoints, run_fit, setup_chat_model, write_run_config
+from llm_dist.stages import (checkpoint_saver, init_from_checkpoint, open_checkpoints, run_fit, setup_chat_model,
+                             stage_throughput, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Batch, Trainer, resolve_dtype
 
 
@@ -147,17 +147,13 @@ def run_rl(cfg: Config, algo: str) -> int:
                  f"rewards from {r.reward_model or 'the task'}; {what}")
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
         seq_len = cfg.model.block_size
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp, cfg.logging.peak_tflops),
-                                rt.world_size)
+        throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
         items = accuracy_items(task, tok, r.eval_examples) if r.eval_examples else []
         mode = "gsm8k" if r.task == "gsm8k" else "exact"
 
-        def save() -> None:
-            ckpt.save(trainer.state.step, trainer.model_optim_state(),
-                      {**trainer.train_state(), "rollout": source.state_dict()}, cfg.to_yaml(), tok, tok.name,
-                      meta={"tokens_seen": trainer.state.tokens_seen, "strategy": pm.strategy, "stage": algo})
+        save = checkpoint_saver(ckpt, trainer, cfg, tok, tok.name, pm.strategy,
+                                lambda: {"rollout": source.state_dict()}, stage=algo)
 
         def evaluate() -> dict[str, float]:
             acc, replies = exact_match(pm.model, tok, items, mode, r.max_new_tokens, r.eval_batch_size, end_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
@@ -20,9 +19,9 @@ from llm_dist.sft.chat import END, Conversation, DataError, read_jsonl
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import train_eval_rows, open_checkpoints, run_fit, setup_chat_model, write_run_config
+from llm_dist.stages import (checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
+                             train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
-from llm_dist.train.throughput import Throughput, peak_flops
 from llm_dist.train.trainer import Trainer, resolve_dtype
 
 
@@ -62,16 +61,12 @@ def main(cfg: Config) -> int:
         ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]), init_url)
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
-        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-        throughput = Throughput(pm.model.flops_per_token(seq_len), peak_flops(rt.device, amp, cfg.logging.peak_tflops),
-                                rt.world_size)
+        throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
         items = eval_prompts(tok, eval_convs[: s.eval_examples])
         eval_batches = loader.eval_batches(eval_ex, max_rows=cfg.eval.steps * t.batch_size) if eval_ex else []
 
-        def save() -> None:
-            ckpt.save(trainer.state.step, trainer.model_optim_state(),
-                      {**trainer.train_state(), "loader": loader.state_dict()}, cfg.to_yaml(), tok, tok.name,
-                      meta={"tokens_seen": trainer.state.tokens_seen, "strategy": pm.strategy, "stage": "sft"})
+        save = checkpoint_saver(ckpt, trainer, cfg, tok, tok.name, pm.strategy,
+                                lambda: {"loader": loader.state_dict()}, stage="sft")
 
         def evaluate() -> dict[str, float]:
             out: dict[str, float] = {}
