@@ -74,7 +74,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, eps: floa
     """(x - mean) / sqrt(var + eps) on the mask (0 elsewhere); moments = global `masked_moments` (unbiased var)."""
     s, ss, n = moments.tolist()
     mean = s / max(n, 1.0)
-    var = (ss - n * mean * mean) / max(n - 1.0, 1.0)
+    var = variance_from_moments(s, ss, n)
     return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask.to(x.dtype)
 
 
@@ -84,6 +84,7 @@ def explained_variance_moments(values: torch.Tensor, returns: torch.Tensor, mask
 
 
 def variance_from_moments(s: float, ss: float, n: float) -> float:
+    """Unbiased variance from (sum, sum of squares, count)."""
     mean = s / max(n, 1.0)
     return (ss - n * mean * mean) / max(n - 1.0, 1.0)
 

@@ -105,7 +105,7 @@ class PPOSource(RolloutSource):
         coef = self.kl.value
 
         chunks = []  # per micro-batch: (x, y, mask, logp, values, adv, returns, kl)
-        ent_sum = torch.zeros((), dtype=torch.float64)
+        ent_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
         was_training = self.policy.training
         self.policy.eval()  # no dropout: the same policy that sampled the tokens
         for i in range(0, len(prompts), mb):
@@ -114,7 +114,7 @@ class PPOSource(RolloutSource):
             mask = y != IGNORE_INDEX
             logits, values = self.policy(x, head="both")  # (m, T, V_padded), (m, T)
             logp, ent = split_logprobs_entropy(logits, y, self.tok.vocab_size)
-            ent_sum += ent.double().sum().cpu()
+            ent_sum += ent.double().sum()
             ref_logp = logprobs_from_logits(self.ref(x), y)
             kl = kl_per_token(logp, ref_logp, p.kl_estimator) * mask
             rewards = token_rewards(scores[i:i + mb].to(self.device), kl, mask, coef)
@@ -123,14 +123,14 @@ class PPOSource(RolloutSource):
             chunks.append((x, y, mask, logp, values, adv, ret, kl))
         self.policy.train(was_training)
 
-        # One all-reduce for every global statistic: advantage moments (whitening), explained-variance
-        # moments, KL, entropy, scores, lengths.
+        # One all-reduce for every global sum: advantage moments (whitening), explained-variance moments, KL,
+        # entropy, values, returns. (Scores and lengths are all-gathered below: their std needs every sample.)
         local = torch.cat([sum(masked_moments(c[5], c[2]) for c in chunks),
                            sum(explained_variance_moments(c[4], c[6], c[2]) for c in chunks),
-                           torch.stack([sum(c[7].double().sum() for c in chunks), ent_sum.to(self.device),
+                           torch.stack([sum(c[7].double().sum() for c in chunks), ent_sum,
                                         sum(c[4].double().sum() for c in chunks),
-                                        sum(c[6].double().sum() for c in chunks)]).to(self.device).double()])
-        g = D.all_reduce_sum(local.to(self.device)).cpu()
+                                        sum(c[6].double().sum() for c in chunks)])])
+        g = D.all_reduce_sum(local).cpu()
         adv_moments, ev, (kl_sum, ent_all, v_sum, r_sum) = g[:3], g[3:9], g[9:].tolist()
         all_scores, all_len = gather_rewards_and_lengths(scores, comps, self.device)  # (N,) each
 

@@ -200,21 +200,21 @@ class RolloutSource:
         n_tok = int(all_len.sum())
 
         batches: list[Batch] = []
-        ent_sum = torch.zeros((), dtype=torch.float64)
+        ent_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
         was_training = self.policy.training
         self.policy.eval()  # old log-probs without dropout, like the sampling that produced the tokens
         for i in range(0, len(prompts), mb):
             x, y = sequence_batch(prompts[i:i + mb], comps[i:i + mb], pad_id=self.stop_id)  # (m, T) each
             x, y = x.to(self.device), y.to(self.device)
             old, ent = logprobs_and_entropy(self.policy, x, y, self.tok.vocab_size)
-            ent_sum += ent.double().sum().cpu()
+            ent_sum += ent.double().sum()
             ref = torch.zeros_like(old)
             if self.ref is not None:
                 ref, _ = logprobs_and_entropy(self.ref, x, y, self.tok.vocab_size)
             w = aggregation_weights(y != IGNORE_INDEX, self.N, n_tok, r.loss_agg, r.max_new_tokens).to(self.device)
             batches.append((x, y, old, ref, adv[i:i + mb].to(self.device), w))
         self.policy.train(was_training)
-        ent_all = D.all_reduce_sum(ent_sum.to(self.device)).item()
+        ent_all = D.all_reduce_sum(ent_sum).item()
         group_r = all_r.view(-1, self.G)
         stats = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item() if self.N > 1 else 0.0,
                  "solved_groups": (group_r.max(1).values > 0).float().mean().item(),
