@@ -16,6 +16,7 @@ import yaml
 from llm_dist import distributed as D
 from llm_dist.checkpoint import (CheckpointManager, find_latest, list_checkpoints, load_checkpoint, read_config,
                                  resolve_checkpoint, set_rng_state, verify)
+from llm_dist.checkpoint.sharded import UnsafeCheckpointError
 from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
 from llm_dist.distributed import Runtime
 from llm_dist.model.transformer import Transformer
@@ -131,6 +132,8 @@ def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: i
         check_model_matches(cfg, yaml.safe_load(read_config(url)), url)
         try:
             ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer)
+        except UnsafeCheckpointError:  # possibly crafted to run code: stop, never quietly resume from an older one
+            raise
         except Exception as e:  # noqa: BLE001 - DCP raises the same error on every rank, so all fall back
             D.warn0(f"checkpoint {url} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
                     "trying an older one")
