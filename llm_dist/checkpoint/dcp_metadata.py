@@ -424,15 +424,6 @@ def _layout_by_name(*args: Any) -> torch.layout:
     return names[args[0]]
 
 
-def _enum_member(*args: Any) -> Any:
-    """Stands in for `builtins.getattr`, which Python >= 3.12 pickles enum members with: it only looks a
-    member up by name on DCP's memory-format enum; any other use of getattr is refused."""
-    if (len(args) == 2 and args[0] is _MemFormat and type(args[1]) is str
-            and args[1] in _MemFormat.__members__):
-        return _MemFormat[args[1]]
-    raise MetadataRefused(f"calls builtins.getattr with {_short(args)}, which is not a DCP enum member lookup")
-
-
 def _short(args: Any) -> str:
     text = " ".join(repr(args).split())
     return text if len(text) <= 120 else text[:117] + "..."
@@ -451,20 +442,19 @@ def _mem_format(*args: Any) -> Any:
 
 
 _MD_MODULE = "torch.distributed.checkpoint.metadata"
-# (module, name) -> what that global resolves to. Exactly the globals a stock pickle refers to; the three
-# callables are replaced by checking stand-ins, the classes by a marker so that REDUCE cannot call them.
+# (module, name) -> what that global resolves to: exactly the globals a stock pickle refers to (Python 3.11-3.13
+# pickle DCP's enum by value, so no `getattr`); `_get_layout` is replaced by a checking stand-in.
 _GLOBALS: dict[tuple[str, str], Any] = {
     **{(_MD_MODULE, c.__name__): c for c in _DATACLASSES if c is not _StorageInfo},
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
     (_MD_MODULE, "_MEM_FORMAT_ENCODING"): _MemFormat,
     ("torch", "Size"): torch.Size,
     ("torch.serialization", "_get_layout"): _layout_by_name,
-    ("builtins", "getattr"): _enum_member,
     **{("torch", n): d for n, d in DTYPES.items()},
 }
 # What REDUCE may call: each either a checking stand-in or wrapped in one.
 _CALLS: dict[Any, Callable[..., Any]] = {torch.Size: _size, _MemFormat: _mem_format,
-                                         _layout_by_name: _layout_by_name, _enum_member: _enum_member}
+                                         _layout_by_name: _layout_by_name}
 # Opcodes of protocols 2-5 that build only containers, scalars and strings, plus the four that involve globals
 # (checked below). INST/OBJ (old-protocol instantiation), NEWOBJ_EX, EXT*, PERSID and out-of-band buffers
 # never occur in a DCP metadata pickle.
@@ -513,7 +503,7 @@ class _StrictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the 
     def load_newobj(self) -> None:
         args = self.stack.pop()
         cls = self.stack.pop()
-        if not any(cls is c for c in _DATACLASSES) or args != ():
+        if not any(cls is c for c in _DATACLASSES) or type(args) is not tuple or len(args) != 0:
             raise MetadataRefused(f"creates {_describe(cls)} with {_short(args)}, which a checkpoint may not do")
         self.append(object.__new__(cls))
 
