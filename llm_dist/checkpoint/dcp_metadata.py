@@ -391,10 +391,12 @@ def loads_json(data: bytes) -> Metadata:
     """Parse and `decode` a JSON document (strict: no NaN/Infinity, no trailing data, UTF-8)."""
     import json
 
+    if data[:1] == pickle.PROTO:  # say so plainly: a pickle where the JSON index belongs is never unpickled
+        raise MetadataRefused("is a pickle, not the JSON index (pickles are only read from a legacy .metadata)")
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as e:
-        raise MetadataRefused(f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise MetadataRefused(f"is not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise MetadataRefused(f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
@@ -470,7 +472,8 @@ _OP_NAMES = {v[0]: k for k, v in vars(pickle).items() if k.isupper() and type(v)
 
 class _RefusingDispatch(dict):
     def __missing__(self, op: int) -> Callable[[Any], None]:
-        raise MetadataRefused(f"uses the pickle opcode {_OP_NAMES.get(op, hex(op))}, which a checkpoint may not contain")
+        name = _OP_NAMES.get(op, hex(op))
+        raise MetadataRefused(f"uses the pickle opcode {name}, which a checkpoint may not contain")
 
 
 class _StrictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the pure-Python one: opcodes overridable
@@ -518,9 +521,12 @@ class _StrictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the 
                 raise MetadataRefused(f"gives TensorProperties the state {_short(state)}")
             TensorProperties.__setstate__(inst, state)  # the class's own function: only assigns fields
             return
+        if type(state) is not dict:  # (a 2-tuple would also set attributes through setattr)
+            raise MetadataRefused(f"gives {cls.__name__} a {_tname(state)} state, where DCP pickles a dict")
         fields = {f.name for f in dataclasses.fields(cls)}
-        if type(state) is not dict or any(type(k) is not str or k not in fields for k in state):
-            raise MetadataRefused(f"gives {cls.__name__} the state {_short(state)}")
+        bad = next((k for k in state if type(k) is not str or k not in fields), None)
+        if bad is not None:
+            raise MetadataRefused(f"gives {cls.__name__} the attribute {_short(bad)}, which is not one of its fields")
         vars(inst).update(state)
 
     dispatch = _RefusingDispatch({op[0]: pickle._Unpickler.dispatch[op[0]]  # type: ignore[attr-defined]
