@@ -228,7 +228,7 @@ def _enc_storage_data(sd: Any, where: str) -> list:
         offset = None if fi["offset"] is None else _ints(fi["offset"], f"{w}.index.offset", torch.Size)
         index = _want(fi["index"], (int, type(None)), f"{w}.index.index")
         fs = _fields(info, _StorageInfo, f"{w}.info")
-        td = fs["transform_descriptors"]
+        td = fs.get("transform_descriptors")
         if td is not None:
             _want(td, (list, tuple), f"{w}.info.transform_descriptors")
             td = {"kind": type(td).__name__, "items": [_str(t, f"{w}.info.transform_descriptors[{j}]")
@@ -244,7 +244,7 @@ def _enc_storage_meta(sm: Any, where: str) -> dict | None:
     if sm is None:
         return None
     f = _fields(sm, StorageMeta, where)
-    modules = _want(f["modules"], (list,), f"{where}.modules")
+    modules = _want(f.get("modules", []), (list,), f"{where}.modules")
     return {"checkpoint_id": _opt_str(f["checkpoint_id"], f"{where}.checkpoint_id"),
             "save_id": _opt_str(f["save_id"], f"{where}.save_id"),
             "load_id": _opt_str(f["load_id"], f"{where}.load_id"),
@@ -252,14 +252,17 @@ def _enc_storage_meta(sm: Any, where: str) -> dict | None:
 
 
 def encode(metadata: Metadata) -> dict:
-    """`metadata` as a JSON-ready document; raises `MetadataRefused` for any value it cannot represent exactly."""
+    """`metadata` as a JSON-ready document; raises `MetadataRefused` for any value it cannot represent exactly.
+
+    A field this format knows but the installed torch's class lacks (an older torch) is written as its
+    neutral value (None, or [] for `StorageMeta.modules`)."""
     f = _fields(metadata, Metadata, "metadata")
     sdm = _want(f["state_dict_metadata"], (dict,), "state_dict_metadata")
     entries = {}
     for k, v in sdm.items():
         entries[_str(k, "state_dict_metadata key")] = _enc_storage(v, f"state_dict_metadata[{k!r}]")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": {
-        "version": _opt_str(f["version"], "version"),
+        "version": _opt_str(f.get("version"), "version"),
         "state_dict_metadata": entries,
         "planner_data": _enc_planner_data(f["planner_data"], "planner_data"),
         "storage_data": _enc_storage_data(f["storage_data"], "storage_data"),
@@ -270,13 +273,14 @@ def encode(metadata: Metadata) -> dict:
 
 
 def _build(cls: type, where: str, **values: Any) -> Any:
-    """`cls(**values)`, leaving out a field this torch's class lacks when it holds its neutral value (None)."""
+    """`cls(**values)`, leaving out a field this torch's class lacks (an older torch) when it holds its neutral
+    value (None or empty); any other value there cannot be represented and is refused."""
     have = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():
         if k in have:
             kwargs[k] = v
-        elif v is not None:
+        elif v is not None and v != []:
             raise _fail(f"{where}.{k}", f"this torch's {cls.__name__} has no field {k!r} to hold {v!r}")
     return cls(**kwargs)
 
@@ -408,7 +412,8 @@ def dumps_json(metadata: Metadata) -> bytes:
     """`encode` as compact UTF-8 JSON (sorted keys: the same index always gives the same bytes)."""
     import json
 
-    return json.dumps(encode(metadata), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    # Key order kept: entries stay in state-dict order (what `inspect` lists); the same index gives the same bytes.
+    return json.dumps(encode(metadata), separators=(",", ":"), allow_nan=False).encode()
 
 
 # --------------------------------------------------------------------------------- legacy pickled metadata
