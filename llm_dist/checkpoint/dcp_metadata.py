@@ -431,6 +431,11 @@ def _layout_by_name(*args: Any) -> torch.layout:
     return names[args[0]]
 
 
+def _printable(text: Any) -> str:
+    """A name from the file, safe to print on one line (no control characters reach the terminal)."""
+    return text if type(text) is str and text.isprintable() and len(text) <= 200 else _short(text)
+
+
 def _short(args: Any) -> str:
     text = " ".join(repr(args).split())
     return text if len(text) <= 120 else text[:117] + "..."
@@ -495,7 +500,8 @@ class _StrictUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the 
         # attribute (`Metadata.__init__.__globals__`), and nothing is imported.
         found = _GLOBALS.get((module, name), _GLOBALS) if type(module) is str and type(name) is str else _GLOBALS
         if found is _GLOBALS:
-            raise MetadataRefused(f"refers to {module}.{name}, which a checkpoint may not contain")
+            raise MetadataRefused(f"refers to {_printable(module)}.{_printable(name)}, which a checkpoint may not "
+                                  "contain")
         return found
 
     def load_reduce(self) -> None:

@@ -65,7 +65,7 @@ class UnsafeCheckpointError(CheckpointReadError):
     to fall back to an older checkpoint."""
 
 
-class UnsafeMetadataWriteError(RuntimeError):
+class MetadataSaveError(RuntimeError):
     """The state to save holds metadata the JSON format cannot represent exactly; nothing was written."""
 
 
@@ -103,7 +103,7 @@ class SafeWriter(FsspecWriter):
         try:  # encode before touching the directory: a refused value leaves no index at all
             data = dcp_metadata.dumps_json(metadata)
         except MetadataRefused as e:
-            raise UnsafeMetadataWriteError(f"checkpoint {self.path}: refusing to save, the DCP metadata cannot be "
+            raise MetadataSaveError(f"checkpoint {self.path}: refusing to save, the DCP metadata cannot be "
                                            f"stored as data ({_one_line(e)})") from None
         rank = getattr(self, "rank", None)
         local = not getattr(self, "use_collectives", True) and rank is not None
@@ -114,7 +114,7 @@ class SafeWriter(FsspecWriter):
             if getattr(self, "sync_files", True):
                 try:
                     os.fsync(f.fileno())
-                except (AttributeError, UnsupportedOperation, OSError):
+                except (AttributeError, UnsupportedOperation):
                     os.sync()  # as the stock writer: a stream without a file descriptor
         if self.fs.exists(final):
             self.fs.rm_file(final)
