@@ -16,6 +16,7 @@ import json
 import pickle
 import shutil
 import struct
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -375,29 +376,25 @@ def _pretrain_args(data: Path, out: Path, steps: int) -> list[str]:
 
 
 def _reseal(ckpt: Path) -> None:
-    """What an attacker who can write the checkpoint also does: make meta.json's file record match the edited
-    files, so that `verify` passes. Integers are sizes; a dict entry (a richer record) gets its size and any
-    hashlib digest it names recomputed."""
+    """What an attacker who can write the checkpoint also does: make meta.json's record of the files (sizes,
+    and block CRC-32s when it has a `checksums` record) match the edited files, so that `verify` passes:
+    sizes and checksums detect accidents, not someone who rewrites meta.json too."""
     meta_path = ckpt / "meta.json"
     meta = json.loads(meta_path.read_text())
-    old = meta["files"]
-    sample = next(iter(old.values()))
-    files = {}
-    for p in sorted(ckpt.rglob("*")):
-        rel = p.relative_to(ckpt).as_posix()
-        if not p.is_file() or rel in ("meta.json", "COMPLETE"):
-            continue
-        if isinstance(sample, int):
-            files[rel] = p.stat().st_size
-        else:
-            entry = dict(old.get(rel, sample))
-            entry["size"] = p.stat().st_size
-            for key in entry:
-                if key in hashlib.algorithms_available:
-                    entry[key] = hashlib.new(key, p.read_bytes()).hexdigest()
-            files[rel] = entry
-    if files != old:
-        meta_path.write_text(json.dumps({**meta, "files": files}, indent=1))
+    new = dict(meta)
+    rels = [p.relative_to(ckpt).as_posix() for p in sorted(ckpt.rglob("*")) if p.is_file()]
+    rels = [r for r in rels if r not in ("meta.json", "COMPLETE")]
+    new["files"] = {r: (ckpt / r).stat().st_size for r in rels}
+    record = meta.get("checksums")
+    if isinstance(record, dict) and record.get("algorithm") == "crc32":
+        block = int(record.get("block_bytes", 64 << 20))
+
+        def crcs(data: bytes) -> list[str]:
+            return [f"{zlib.crc32(data[i:i + block]) & 0xFFFFFFFF:08x}" for i in range(0, max(len(data), 1), block)]
+
+        new["checksums"] = {**record, "files": {r: crcs((ckpt / r).read_bytes()) for r in rels}}
+    if new != meta:
+        meta_path.write_text(json.dumps(new, indent=1))
 
 
 def _exploit(marker: Path) -> bytes:
