@@ -10,7 +10,7 @@ import yaml
 
 from llm_dist.checkpoint import load_checkpoint_tokenizer, read_config
 from llm_dist.checkpoint import resolve_checkpoint as find_checkpoint
-from llm_dist.checkpoint.sharded import load_model_weights
+from llm_dist.checkpoint.manager import load_checkpoint_weights
 from llm_dist.config import Config, ConfigError, apply_dict
 from llm_dist.distributed import pick_device
 from llm_dist.model.generate import generate
@@ -32,7 +32,7 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[Transform
     cfg = Config()
     apply_dict(cfg, yaml.safe_load(read_config(url)))
     model = build_model(cfg.model, device)
-    load_model_weights(model, url.rstrip("/") + "/dcp")
+    load_checkpoint_weights(model, url)
     model.eval()
     return model, load_checkpoint_tokenizer(url), cfg
 

@@ -14,10 +14,13 @@ fsspec URL such as `s3://` when its filesystem package is installed).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import posixpath
+import warnings
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from llm_dist.checkpoint.integrity import DigestingWriterMixin
 
 try:  # torch >= 2.11 keeps them here; some releases also re-export them at the package level
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
@@ -107,16 +112,28 @@ def make_stager() -> Any | None:
                                         use_non_blocking_copy=cuda))
 
 
+class DigestingWriter(DigestingWriterMixin, FsspecWriter):
+    """FsspecWriter that also records the checksums of the shard files it writes (see integrity.py)."""
+
+
 def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | None = None,
-         asynchronous: bool = False, stager: Any | None = None) -> tuple[Future | None, Future | None]:
+         asynchronous: bool = False, stager: Any | None = None, sums_root: str | None = None,
+         extra_sums: dict[str, list[str]] | None = None) -> tuple[Future | None, Future | None]:
     """Write `state` under `path` (collective). Returns (staged, written) futures; (None, None) when sync.
+
+    With `sums_root` (the checkpoint directory above `path`), each rank also writes the checksums of its
+    shard files and of `extra_sums` to `<sums_root>/sums/rank_<r>.json` before DCP's coordinator finishes.
 
     Async: the state is copied to CPU (by `stager` in the background, else before returning) and written by
     a background thread; `staged` completes when the copy is done, i.e. when the live tensors may change.
     """
-    writer = FsspecWriter(path)
+    writer = DigestingWriter(path) if sums_root is not None else FsspecWriter(path)
+    if sums_root is not None:
+        writer.sums_root, writer.sums_prefix = sums_root, posixpath.basename(path.rstrip("/"))
+        writer.extra_sums, writer.sums_rank = dict(extra_sums or {}), dist.get_rank() if dist.is_initialized() else 0
     if not asynchronous:
-        dcp.save(state, storage_writer=writer, process_group=process_group)
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=writer, process_group=process_group)
         return None, None
     kwargs = {"async_stager": stager} if stager is not None else {}
     resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
@@ -127,8 +144,22 @@ def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | No
     return done, resp
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every save/load without a process group that it "assumes the intent is a single
+    process", which is exactly the intent here: that one warning is silenced, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class CheckpointReadError(RuntimeError):
     """A checkpoint could not be read; the message names it and the first failure, in one line."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A checkpoint file asks for something a data-only load never does (a refused pickle global): treated
+    as an attack, not as damage, so callers stop instead of falling back to an older checkpoint."""
 
 
 def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
@@ -138,7 +169,8 @@ def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
     BaseException); it becomes one `CheckpointReadError` so callers can fall back consistently.
     """
     try:
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
     except CheckpointException as e:
         first = next(iter(e.failures.values()))[0]
         detail = " ".join(str(first).split())[:300]
