@@ -114,15 +114,19 @@ def verify_checksums(url: str, meta: dict, rels: Iterable[str] | None = None) ->
     return None
 
 
-def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[str] | None = None) -> T:
+def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[str] | None = None,
+                 keep: tuple[type[BaseException], ...] = ()) -> T:
     """Run `action()` (the load) while a background thread checks the checksums of `rels` (default all
     files); raise ChecksumMismatch after the load if they do not match. The two overlap: DCP's reading and
     deserialising keeps one core busy, the hashing another, and the files are read once from disk (the
-    second reader finds them in the page cache)."""
+    second reader finds them in the page cache). A load that fails on a file whose checksum also fails is
+    reported as the checksum mismatch (the cause), except for the error types in `keep`."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         check: Future = pool.submit(verify_checksums, url, meta, rels)
         try:
             result = action()
+        except keep:
+            raise  # errors that matter more than damage (a refused, crafted file) are never renamed
         except Exception:
             problem = check.result()
             if problem is not None:  # the load failed *because* a file changed: say that, not the parser's words

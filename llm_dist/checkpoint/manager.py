@@ -341,7 +341,9 @@ def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Opt
     problem = None
     try:
         integrity.run_verified(url, meta if checksums else {}, lambda: sharded.load(state, _url(url, "dcp")),
-                               _rank_share(meta))
+                               _rank_share(meta), keep=(sharded.UnsafeCheckpointError,))
+    except sharded.UnsafeCheckpointError:
+        raise  # every rank read the same refused metadata: all stop, nobody falls back
     except integrity.ChecksumMismatch as e:
         problem = str(e)
     except CheckpointReadError as e:  # DCP failed on every rank alike; the checksums may name the cause
@@ -364,7 +366,8 @@ def load_checkpoint_weights(model: torch.nn.Module, url: str) -> None:
     meta = read_json(url, "meta.json")
     sd = {"model": model.state_dict()}
     try:
-        integrity.run_verified(url, meta, lambda: sharded.load(sd, _url(url, "dcp"), partial=True))
+        integrity.run_verified(url, meta, lambda: sharded.load(sd, _url(url, "dcp"), partial=True),
+                               keep=(sharded.UnsafeCheckpointError,))
     except integrity.ChecksumMismatch as e:
         raise CheckpointReadError(str(e)) from None
     bad = nonfinite_tensor(sd["model"])
@@ -608,6 +611,10 @@ def _root_cause(exc: BaseException) -> BaseException:
             for f in failures.values():
                 stack.append(f[0] if isinstance(f, tuple) else f)
         stack += [e.__cause__, e.__context__]
-        if "No space left on device" in str(e):
+        try:
+            text = str(e)
+        except Exception:  # noqa: BLE001 - a malformed exception must not hide the real error
+            text = ""
+        if "No space left on device" in text:
             return OSError(errno.ENOSPC, "No space left on device")
     return first_os or exc

@@ -174,6 +174,9 @@ def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
     except CheckpointException as e:
         first = next(iter(e.failures.values()))[0]
         detail = " ".join(str(first).split())[:300]
+        if isinstance(first, pickle.UnpicklingError) or "which is not allowed" in detail:  # a refused global
+            raise UnsafeCheckpointError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})"
+                                        ) from None
         raise CheckpointReadError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})") from None
 
 
