@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import pickle
 import posixpath
 import warnings
@@ -144,13 +145,28 @@ def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | No
     return done, resp
 
 
+def _dcp_metadata_fallback_record(record: logging.LogRecord) -> bool:
+    """False for DCP's "metadata is not found" warnings: logged on the root logger with a full traceback
+    each time a checkpoint's metadata cannot be read, although the load then fails with its own error,
+    which the callers report in one line (and fall back from)."""
+    msg = str(record.msg)
+    return not (msg.startswith(("Global metadata is not found", "Rank local metadata is not found"))
+                and record.pathname.endswith("state_dict_loader.py"))
+
+
 @contextlib.contextmanager
 def _single_process_quiet() -> Iterator[None]:
     """DCP warns on every save/load without a process group that it "assumes the intent is a single
-    process", which is exactly the intent here: that one warning is silenced, nothing else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    process", which is exactly the intent here, and logs tracebacks for metadata it then reports as an
+    error anyway: those two are silenced, nothing else."""
+    root = logging.getLogger()
+    root.addFilter(_dcp_metadata_fallback_record)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    finally:
+        root.removeFilter(_dcp_metadata_fallback_record)
 
 
 class CheckpointReadError(RuntimeError):

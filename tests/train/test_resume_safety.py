@@ -118,6 +118,22 @@ def test_crafted_small_files_are_refused_by_name(base_run: Path, tmp_path: Path,
     assert not (REPO / "MARKER").exists() and not list(run.rglob("MARKER"))
 
 
+def test_missing_dcp_metadata_is_one_line_not_a_traceback(base_run: Path, tmp_path: Path,
+                                                          prepared_byte_data: Path) -> None:
+    """DCP logs a traceback on the root logger when a checkpoint's metadata cannot be read, before failing
+    anyway; a user reads one line per event."""
+    run = _copy(base_run, tmp_path)
+    ckpt = run / "checkpoints/step_00000010"
+    (ckpt / "dcp/.metadata").unlink()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["files"]["dcp/.metadata"], meta["checksums"]["files"]["dcp/.metadata"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    p = _resume(run, prepared_byte_data)
+    assert p.returncode == 0, p.stderr
+    lines = _err_lines(p)
+    assert len(lines) == 1 and "step_00000010/dcp: cannot be read" in lines[0], p.stderr
+
+
 def test_resume_path_errors_and_run_dirs(base_run: Path, tmp_path: Path, prepared_byte_data: Path) -> None:
     run = _copy(base_run, tmp_path)
     p = _resume(run, prepared_byte_data, "checkpoint.resume=/does/not/exist")
