@@ -137,7 +137,8 @@ def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | No
             dcp.save(state, storage_writer=writer, process_group=process_group)
         return None, None
     kwargs = {"async_stager": stager} if stager is not None else {}
-    resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
+    with _single_process_quiet():
+        resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
     if hasattr(resp, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
         return resp.staging_completion, resp.upload_completion
     done = Future()
