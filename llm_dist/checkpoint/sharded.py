@@ -133,17 +133,23 @@ def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | No
         writer.sums_root, writer.sums_prefix = sums_root, posixpath.basename(path.rstrip("/"))
         writer.extra_sums, writer.sums_rank = dict(extra_sums or {}), dist.get_rank() if dist.is_initialized() else 0
     if not asynchronous:
-        with _single_process_quiet():
+        with _quiet_dcp():
             dcp.save(state, storage_writer=writer, process_group=process_group)
         return None, None
     kwargs = {"async_stager": stager} if stager is not None else {}
-    with _single_process_quiet():
+    with _quiet_dcp():
         resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
     if hasattr(resp, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
         return resp.staging_completion, resp.upload_completion
     done = Future()
     done.set_result(None)
     return done, resp
+
+
+# DCP warns on every save/load without a process group that it "assumes the intent is a single process",
+# which is exactly the intent here. Installed once for the process (not per call): async saves call DCP
+# from a background thread, after any per-call `catch_warnings` has already restored the filters.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _dcp_metadata_fallback_record(record: logging.LogRecord) -> bool:
@@ -156,16 +162,12 @@ def _dcp_metadata_fallback_record(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
-    """DCP warns on every save/load without a process group that it "assumes the intent is a single
-    process", which is exactly the intent here, and logs tracebacks for metadata it then reports as an
-    error anyway: those two are silenced, nothing else."""
+def _quiet_dcp() -> Iterator[None]:
+    """DCP logs tracebacks for metadata it then reports as an error anyway: silenced during our calls."""
     root = logging.getLogger()
     root.addFilter(_dcp_metadata_fallback_record)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            yield
+        yield
     finally:
         root.removeFilter(_dcp_metadata_fallback_record)
 
@@ -186,7 +188,7 @@ def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
     BaseException); it becomes one `CheckpointReadError` so callers can fall back consistently.
     """
     try:
-        with _single_process_quiet():
+        with _quiet_dcp():
             dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
     except CheckpointException as e:
         first = next(iter(e.failures.values()))[0]
