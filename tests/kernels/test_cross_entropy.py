@@ -111,11 +111,12 @@ def test_logits_never_exist_beyond_one_chunk() -> None:
 
 
 def test_auto_chunk_size_rule() -> None:
-    """Chunks of hundreds-thousands of rows (large matmuls), fp32 chunk logits within [64, 256] MiB, <= 16 chunks."""
+    """Chunks of hundreds-thousands of rows (large matmuls), fp32 chunk logits within [64, 512] MiB, <= 16 chunks."""
     from llm_dist.kernels.linear_cross_entropy import CHUNK_BUDGET_MAX, MAX_CHUNKS
 
     assert auto_chunk_size(8192, 768, 50304) == 1024  # 8 chunks; 1/8 of the fp32 logits = 206 MB
-    assert auto_chunk_size(8192, 4096, 128256) == 512  # capped at 256 MiB of fp32 logits: 16 chunks
+    assert auto_chunk_size(8192, 4096, 128256) == 1024  # 1/8 of the fp32 logits = 525 MB, capped at 512 MiB
+    assert auto_chunk_size(16384, 4096, 128256) == 1024  # the cap: 16 chunks
     assert auto_chunk_size(65536, 4096, 128256) == 4096  # at most MAX_CHUNKS chunks, whatever the budget
     assert auto_chunk_size(1024, 768, 50304) == 256  # the 64 MiB floor: small batches take few chunks
     assert auto_chunk_size(100, 16, 300) == 100  # fewer rows than one tile: one chunk
