@@ -67,24 +67,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,  # noqa: ANN001
-                chunk: int, compute_dtype: torch.dtype, need_grad: bool, rows_fn: RowsFn) -> torch.Tensor:
+                chunk: int, compute_dtype: torch.dtype, need_dh: bool, need_dw: bool, rows_fn: RowsFn) -> torch.Tensor:
         N, C = h.shape
+        need_grad = need_dh or need_dw
         w = weight.to(compute_dtype)  # (V, C); a no-op when it already is (FSDP mixed precision, fp32 runs)
         row_loss = torch.empty(N, device=h.device, dtype=torch.float32)
-        dh = torch.empty((N, C), device=h.device, dtype=compute_dtype) if need_grad else None
-        dw = torch.empty(w.shape, device=h.device, dtype=compute_dtype) if need_grad else None  # (V, C)
+        dh = torch.empty((N, C), device=h.device, dtype=compute_dtype) if need_dh else None
+        dw = torch.empty(w.shape, device=h.device, dtype=compute_dtype) if need_dw else None  # (V, C)
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             hc = h[s:e].to(compute_dtype)  # (n, C)
             logits = hc @ w.t()  # (n, V): the only vocab-sized buffer, freed at the next iteration
             row_loss[s:e] = rows_fn(logits, targets[s:e], ignore_index, need_grad)
-            if need_grad:  # logits now hold G = softmax - onehot
+            # logits now hold G = softmax - onehot (when need_grad)
+            if need_dh:
                 torch.mm(logits, w, out=dh[s:e])  # (n, C), rows of dH in place
+            if need_dw:
                 if s == 0:
                     torch.mm(logits.t(), hc, out=dw)  # (V, C): the first chunk writes the accumulator
                 else:
                     dw.addmm_(logits.t(), hc)
-        if need_grad and N == 0:
+        if need_dw and N == 0:
             dw.zero_()
         ctx.grads = (dh, dw) if need_grad else None
         ctx.dtypes = (h.dtype, weight.dtype)
@@ -98,7 +101,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dh, dw = ctx.grads
         ctx.grads = None  # consumed: scaled in place below, so a second backward would be wrong
         h_dtype, w_dtype = ctx.dtypes
-        return _scaled(dh, grad_loss, h_dtype), _scaled(dw, grad_loss, w_dtype), None, None, None, None, None, None
+        dh = _scaled(dh, grad_loss, h_dtype) if dh is not None else None
+        dw = _scaled(dw, grad_loss, w_dtype) if dw is not None else None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -132,7 +137,8 @@ def linear_cross_entropy_chunked(h: torch.Tensor, weight: torch.Tensor, targets:
         compute_dtype = torch.get_autocast_dtype(dev)
     else:
         compute_dtype = torch.promote_types(h.dtype, weight.dtype)
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled()
+    need_dh, need_dw = grad and h.requires_grad, grad and weight.requires_grad  # a frozen LM head: no dW matmuls
     with torch.autocast(dev, enabled=False):  # dtypes are explicit inside
-        return LinearCrossEntropyFunction.apply(h2, weight, t, ignore_index, max(chunk, 1), compute_dtype, need_grad,
-                                                rows_fn)
+        return LinearCrossEntropyFunction.apply(h2, weight, t, ignore_index, max(chunk, 1), compute_dtype, need_dh,
+                                                need_dw, rows_fn)

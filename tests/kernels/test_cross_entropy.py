@@ -153,6 +153,19 @@ def test_dw_accumulates_into_one_buffer() -> None:
     assert mode.count == 1
 
 
+@pytest.mark.parametrize("frozen", ["h", "w"])
+def test_frozen_input_gets_no_gradient_and_the_other_is_right(frozen: str) -> None:
+    h, w, t = _data(30, 8, 41, device="cpu")
+    (h if frozen == "h" else w).requires_grad_(False)
+    with _Allocations(41 * 8) as mode:
+        linear_cross_entropy_chunked(h, w, t, IGNORE, 7).backward()
+    assert mode.count == (1 if frozen == "h" else 0)  # no (V, C) dW buffer when the weight is frozen
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.cross_entropy(h64 @ w64.t(), t, ignore_index=IGNORE, reduction="sum").backward()
+    got, ref = (w.grad, w64.grad) if frozen == "h" else (h.grad, h64.grad)
+    assert (h.grad if frozen == "h" else w.grad) is None and rel_err(got, ref) < 2e-5
+
+
 def test_backward_twice_raises() -> None:
     h, w, t = _data(20, 8, 30)
     loss = linear_cross_entropy(h, w, t, IGNORE, chunk_size=8)
