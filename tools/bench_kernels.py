@@ -163,7 +163,10 @@ def bench_attention(args: argparse.Namespace, device: str) -> list[dict]:
             for d in ("fwd", "bwd"):
                 best = max(x for x in (res["sdpa_" + d + "_tflops"], res["cudnn_" + d + "_tflops"]) if x is not None)
                 res[f"{d}_vs_best"] = res[f"triton_{d}_tflops"] / best
-            cud = lambda d: f"{res['cudnn_' + d + '_tflops']:7.1f}" if res["cudnn_" + d + "_tflops"] is not None else "    n/a"  # noqa: E731
+            def cud(d: str, res: dict = res) -> str:
+                x = res[f"cudnn_{d}_tflops"]
+                return f"{x:7.1f}" if x is not None else "    n/a"
+
             print(f"attention B={B} H={H:>2} D={D:>3} T={T:>5}: fwd {res['triton_fwd_tflops']:7.1f} vs flash "
                   f"{res['sdpa_fwd_tflops']:7.1f} / cuDNN {cud('fwd')} TFLOP/s ({res['fwd_vs_best']:.2f}x best) | bwd "
                   f"{res['triton_bwd_tflops']:7.1f} vs {res['sdpa_bwd_tflops']:7.1f} / {cud('bwd')} "
@@ -224,7 +227,8 @@ def bench_cross_entropy(args: argparse.Namespace, device: str) -> list[dict]:
             res["mem_vs_compiled"] = res["fused_peak_mib"] / max(res["compiled_peak_mib"], 1e-9)
             res["workspace_vs_compiled"] = res["fused_workspace_mib"] / max(res["compiled_workspace_mib"], 1e-9)
             print(f"cross-entropy N={N} C={C} V={V} chunk={res['chunk']} ({res['chunk_rule']}): fused "
-                  f"{res['fused_ms']:.2f} ms, peak {res['fused_peak_mib']:.0f} MiB | compiled {res['compiled_ms']:.2f} ms, "
+                  f"{res['fused_ms']:.2f} ms, peak {res['fused_peak_mib']:.0f} MiB | compiled "
+                  f"{res['compiled_ms']:.2f} ms, "
                   f"peak {res['compiled_peak_mib']:.0f} MiB | eager {res['unfused_ms']:.2f} ms, peak "
                   f"{res['unfused_peak_mib']:.0f} MiB | vs compiled: time {res['time_vs_compiled']:.2f}x, memory "
                   f"{res['mem_vs_compiled']:.2f}x (without the dH/dW both return: {res['workspace_vs_compiled']:.2f}x)",

@@ -63,7 +63,8 @@ def seq_bucket(n: int) -> int:
 def tune_key(kernel: str, n_q: int, n_k: int, head_dim: int, causal: bool, windowed: bool, group: int,
              dtype: object) -> str:
     """The cache key of one launch: everything that changes the best configuration, lengths bucketed."""
-    return (f"{kernel}|D{head_dim}|causal{int(causal)}|windowed{int(windowed)}|group{group}|{str(dtype).replace('torch.', '')}"
+    dt = str(dtype).replace("torch.", "")
+    return (f"{kernel}|D{head_dim}|causal{int(causal)}|windowed{int(windowed)}|group{group}|{dt}"
             f"|q{seq_bucket(n_q)}|k{seq_bucket(n_k)}")
 
 
@@ -127,7 +128,8 @@ def load_cache(path: Path) -> dict[str, dict]:
         return {}
     try:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        ok = isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict)
+        if not ok:
             raise ValueError(f"not an llm_dist autotune cache of version {CACHE_VERSION}")
         out = {}
         for key, entry in data["entries"].items():

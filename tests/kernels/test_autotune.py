@@ -61,7 +61,8 @@ def test_mode_parsing(monkeypatch, value: str | None, mode: str) -> None:
 
 def test_bad_mode_is_one_clear_error(monkeypatch) -> None:
     monkeypatch.setenv(autotune.ENV_MODE, "fast")
-    with pytest.raises(ValueError, match=r"^LLM_DIST_AUTOTUNE='fast' is not one of curated \(the default\), reduced, full$"):
+    msg = r"^LLM_DIST_AUTOTUNE='fast' is not one of curated \(the default\), reduced, full$"
+    with pytest.raises(ValueError, match=msg):
         autotune_mode()
 
 
