@@ -182,7 +182,8 @@ def _do_bench(fn: Callable[[], None]) -> float:
 class Tuner:
     """Picks, remembers and persists the configuration of one kernel per key.
 
-    candidates(mode) -> the configurations to try, best guess first (already pruned for the shape);
+    candidates(mode) -> the configurations to try, best guess first (already pruned for the shape); `reduced`
+    (and the interpreter, device_name None) launches the first that runs, without timing or cache;
     bench(fn) -> milliseconds of fn (triton's do_bench by default; injectable for tests).
     """
 
@@ -204,13 +205,11 @@ class Tuner:
             mode: str | None = None) -> Config:
         """Launch with the configuration for `key`, choosing it first if needed; returns the one used.
 
-        device_name None (the interpreter, CPU tests): no timing, no disk cache, the first candidate.
+        device_name None (the interpreter, CPU tests): no timing, no disk cache, the first candidate that runs.
         """
         mode = autotune_mode(mode)
         if device_name is None or mode == "reduced":
-            cfg = candidates("reduced")[0]
-            launch(cfg)
-            return cfg
+            return self._first_that_runs(key, candidates("reduced"), launch)
         self._from_disk(device_name)
         entry = self.memory.get((device_name, key))
         if entry is not None and (mode != "full" or entry["mode"] == "full"):
@@ -225,6 +224,18 @@ class Tuner:
         save_cache(cache_path(device_name), device_name, {key: {"config": cfg, "mode": mode}})
         launch(cfg)
         return cfg
+
+    @staticmethod
+    def _first_that_runs(key: str, configs: list[Config], launch: Launch) -> Config:
+        """`reduced`: launch the first candidate that compiles (out of shared memory / registers: the next)."""
+        error = None
+        for cfg in configs:
+            try:
+                launch(cfg)
+                return cfg
+            except Exception as e:  # noqa: BLE001
+                error = e
+        raise RuntimeError(f"autotune: no configuration of {key} could run") from error
 
     def _tune(self, key: str, configs: list[Config], launch: Launch) -> Config:
         self.tuned += 1

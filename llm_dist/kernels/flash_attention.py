@@ -98,18 +98,19 @@ _CURATED = {
 }
 
 
-def _prune(configs: list[Config], head_dim: int, n_q: int, tiles_in_smem: int = 2) -> list[Config]:
+def _prune(configs: list[Config], head_dim: int, n_q: int, elem_bytes: int = 2, tiles_in_smem: int = 2
+           ) -> list[Config]:
     """Drop configs whose pipelined tiles overflow shared memory, or that are too big for a short sequence.
 
-    Per stage a kernel buffers `tiles_in_smem` streamed tiles of (BLOCK x D) in 2-byte elements, plus the
-    resident block; the estimate is conservative enough to keep only compilable configs on A100 / H100.
+    Per stage a kernel buffers `tiles_in_smem` streamed tiles of (BLOCK x D) elements of `elem_bytes`, plus
+    the resident block; the estimate is conservative enough to keep only compilable configs on A100 / H100.
     `n_q` is the bucketed query length, so every length of a bucket sees the same candidates.
     """
     limit = _smem_limit()
     keep = []
     for c in configs:
         bm, bn = c.block_m, c.block_n
-        smem = 2 * head_dim * (max(bm, bn) + c.num_stages * tiles_in_smem * min(bm, bn) + bm)
+        smem = elem_bytes * head_dim * (max(bm, bn) + c.num_stages * tiles_in_smem * min(bm, bn) + bm)
         if smem > limit or bm > max(64, n_q):
             continue
         if head_dim >= 128 and bm * bn >= 128 * 128 and c.num_warps < 8:  # too few warps for the accumulators
@@ -118,16 +119,16 @@ def _prune(configs: list[Config], head_dim: int, n_q: int, tiles_in_smem: int = 
     return keep or [_SAFE_CONFIG]
 
 
-def candidates(kernel: str, head_dim: int, n_q: int, mode: str) -> list[Config]:
-    """The configurations `mode` tries for `kernel` ("fwd", "dkdv", "dq"), pruned for (head_dim, bucket of n_q)."""
+def candidates(kernel: str, head_dim: int, n_q: int, mode: str, elem_bytes: int = 2) -> list[Config]:
+    """The configurations `mode` tries for `kernel` ("fwd", "dkdv", "dq"), pruned for (head_dim, bucket of n_q,
+    element size); best guess first. `reduced` runs the first of them that compiles, without timing."""
     if INTERPRETED:  # the interpreter cannot time anything: one small config
         return [_INTERPRETER_CONFIG]
     if mode == "full":
         configs = _FULL[kernel]
     else:
         configs = _CURATED[(_arch(), kernel, 128 if head_dim >= 128 else 64)]
-    pruned = _prune(configs, head_dim, seq_bucket(n_q))
-    return pruned[:1] if mode == "reduced" else pruned
+    return _prune(configs, head_dim, seq_bucket(n_q), elem_bytes)
 
 
 _TUNERS = {name: Tuner(name) for name in ("fwd", "dkdv", "dq")}
@@ -140,7 +141,7 @@ def _tuned_launch(name: str, q: torch.Tensor, k: torch.Tensor, causal: bool, win
     B, H, Tq, D = q.shape
     key = tune_key(name, Tq, k.shape[2], D, causal, window > 0, H // k.shape[1], q.dtype)
     device_name = torch.cuda.get_device_name(q.device) if q.is_cuda and not INTERPRETED else None
-    return _TUNERS[name].run(key, lambda mode: candidates(name, D, Tq, mode), launch, device_name)
+    return _TUNERS[name].run(key, lambda mode: candidates(name, D, Tq, mode, q.element_size()), launch, device_name)
 
 
 # ------------------------------------------------------------------------------------------ ranges

@@ -142,6 +142,9 @@ def test_reduced_mode_takes_the_first_candidate_without_timing_or_cache() -> Non
     key = tune_key("fwd", 64, 64, 64, True, False, 1, torch.float16)
     assert Tuner("fwd", bench=k.bench).run(key, _candidates, k.launch, GPU, mode="reduced") == A
     assert k.timed == [] and k.launched == [A] and not cache_path(GPU).exists()
+    k2 = _Kernel(fail=(A,))  # the first does not compile here (e.g. fp32 tiles): the next one, still untimed
+    assert Tuner("fwd", bench=k2.bench).run(key, _candidates, k2.launch, GPU, mode="reduced") == B
+    assert k2.timed == [] and k2.launched == [B]
 
 
 def test_failing_candidates_are_skipped_and_a_stale_cached_choice_is_retuned() -> None:
@@ -177,8 +180,11 @@ def test_curated_sets_are_small_and_fit_hopper_and_ampere(monkeypatch) -> None:
         monkeypatch.setattr(fa, "_smem_limit", lambda limit=limit: limit)
         assert fa._prune(configs, d, 4096) == configs, (arch, kernel, d)  # none wasted on an impossible config
         assert fa._prune(configs, d, 16)  # short sequences keep at least one
+        assert fa._prune(configs, d, 4096, elem_bytes=4)  # fp32 inputs: twice the bytes per tile
     monkeypatch.setattr(fa, "_smem_limit", lambda: 101376)  # a consumer card: falls back to a config that fits
     assert fa._prune(fa._CURATED[("sm90", "fwd", 128)], 128, 4096) == [fa._SAFE_CONFIG]
+    monkeypatch.setattr(fa, "_smem_limit", lambda: 232448)
+    assert fa._prune(fa._CURATED[("sm90", "fwd", 128)], 128, 4096, elem_bytes=4) == [fa._SAFE_CONFIG]
 
 
 @needs_triton
