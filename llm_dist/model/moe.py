@@ -126,8 +126,11 @@ class MoE(nn.Module):
         flat_e = experts.reshape(-1)  # (N*k,) assignment a = token * k + j
         order = torch.argsort(flat_e, stable=True)  # assignments grouped by expert, token order within
         sorted_e = flat_e[order]  # (N*k,)
-        counts = torch.bincount(flat_e, minlength=E)  # (E,)
-        starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted index of each expert
+        # Expert boundaries in the sorted assignments. searchsorted rather than bincount: bincount reads
+        # the maximum back to size its output (a host sync on CUDA); this has the shape (E+1,) up front.
+        bounds = torch.searchsorted(sorted_e, torch.arange(E + 1, device=x.device))  # (E+1,)
+        starts = bounds[:-1]  # (E,) first sorted index of each expert
+        counts = bounds[1:] - starts  # (E,) assignments per expert
         rank = torch.arange(N * k, device=x.device) - starts[sorted_e]  # (N*k,) place within its expert
         cap = self.capacity(N, counts)
 
