@@ -207,7 +207,7 @@ class Trainer:
         # what separate .item() calls would give.
         extra = self.raw_model.extra_metric_tensor() if hasattr(self.raw_model, "extra_metric_tensor") else None
         host = torch.cat([torch.stack([loss_sum.double(), grad_norm.float().double()]), counts,
-                          *([extra[1].double()] if extra else [])]).tolist()
+                          *([extra[1].double()] if extra is not None else [])]).tolist()
         loss_val, norm_val = host[0], host[1]
         n_global, tokens, stop_votes = (int(v) for v in host[2:5])
         if n_global == 0:
@@ -222,10 +222,10 @@ class Trainer:
         self.state.tokens_seen += tokens
         self.state.target_tokens_seen += n_global
         metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens}
-        if extra:  # MoE routing statistics of this rank's last micro-batch
+        if extra is not None:  # MoE routing statistics of this rank's last micro-batch
             metrics.update(zip(extra[0], host[5:]))
-        elif hasattr(self.raw_model, "extra_metrics"):  # a model without the tensor form
-            metrics.update(self.raw_model.extra_metrics())
+        elif not hasattr(self.raw_model, "extra_metric_tensor") and hasattr(self.raw_model, "extra_metrics"):
+            metrics.update(self.raw_model.extra_metrics())  # a model without the tensor form (its own sync)
         if hasattr(self.loss_fn, "step_stats"):  # the loss's own statistics (collective: every rank calls it)
             metrics.update(self.loss_fn.step_stats(dev))
 
