@@ -106,3 +106,19 @@ def test_comparison_rows_and_table(gc) -> None:
     assert "| ours b12 compile | ok | 60 | default: 354,861 tok/s, 34.6 ms, MFU 30.7% |" in t
     assert "| tok/s b12 compile | 354,861 | 456,800 | 0.78x |" in t
     assert "| kernels | timeout | 150 | killed after 150 s |" in t
+
+
+def test_run_step_parses_times_out_and_skips(gc, tmp_path: Path) -> None:
+    """The runner itself: output to a log and parsed; a step past its limit killed; no budget, no start."""
+    py = sys.executable
+    ok = gc.Step("fake nanoGPT", [py, "-c", "print('time per iteration: 10.0000ms')"], 60,
+                 parse=lambda s, _o: gc.nano.parse_bench(s, 12))
+    r = gc.run_step(ok, tmp_path, 100, {})
+    assert r["status"] == "ok" and r["result"]["tok_per_s"] == pytest.approx(1_228_800)
+    assert "time per iteration" in Path(r["log"]).read_text()
+    slow = gc.Step("slow", [py, "-c", "import time; print('started', flush=True); time.sleep(60)"], 2)
+    r = gc.run_step(slow, tmp_path, 100, {}, min_seconds=1)
+    assert r["status"] == "timeout" and r["seconds"] < 30 and "started" in Path(r["log"]).read_text()
+    bad = gc.Step("bad", [py, "-c", "print('no figures here')"], 60, parse=lambda s, _o: gc.nano.parse_bench(s, 12))
+    assert gc.run_step(bad, tmp_path, 100, {})["status"] == "failed"
+    assert gc.run_step(ok, tmp_path, 10, {})["status"] == "skipped"  # 10 s of budget left < 20 s minimum

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -159,9 +159,12 @@ def speed_plan(a: argparse.Namespace, out: Path) -> list[Step]:
                 skip="" if not nano_missing else f"nanoGPT not there: {', '.join(nano_missing)}"))
     bk = [PY, "tools/bench_kernels.py", "--seq", "2048", "--norm-dims", "4096", "--repeats", "5",
           "--out", str(out / "bench_kernels.json")]
-    steps.append(Step("bench_kernels", bk, 150,
-                      parse=lambda _s, _o: {f"{k} rows": len(v) for k, v in
-                                            json.loads((out / "bench_kernels.json").read_text()).items() if k != "meta"},
+
+    def kernel_rows(_stdout: str, _out: Path) -> dict[str, Any]:
+        sections = json.loads((out / "bench_kernels.json").read_text())
+        return {f"{k} rows": len(v) for k, v in sections.items() if k != "meta"}
+
+    steps.append(Step("bench_kernels", bk, 150, parse=kernel_rows,
                       check=lambda: help_accepts(REPO / "tools/bench_kernels.py", flags_of(bk))))
     run_dir = out / "pretrain_default"
     pargs = [f"out_dir={run_dir}", "checkpoint.resume=never"]
@@ -198,13 +201,17 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def run_step(step: Step, out: Path, budget_left: float, shared_env: dict[str, str]) -> dict[str, Any]:
-    """Run one step under min(its timeout, the budget left); its output goes to $OUT/<name>.log."""
+def run_step(step: Step, out: Path, budget_left: float, shared_env: dict[str, str], min_seconds: int = 20
+             ) -> dict[str, Any]:
+    """Run one step under min(its timeout, the budget left); its output goes to $OUT/<name>.log.
+
+    A step that would get less than `min_seconds` is skipped rather than started and killed.
+    """
     rec: dict[str, Any] = {"name": step.name, "cmd": " ".join(step.cmd), "cwd": str(step.cwd)}
     if step.skip:
         return {**rec, "status": "skipped", "note": step.skip}
     limit = int(min(step.timeout, budget_left))
-    if limit < 20:
+    if limit < min_seconds:
         return {**rec, "status": "skipped", "note": f"out of time budget ({budget_left:.0f} s left)"}
     log = out / (re.sub(r"[^\w.-]+", "_", step.name) + ".log")
     t0 = time.perf_counter()
@@ -308,7 +315,8 @@ def dry_run(steps: list[Step]) -> int:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nanogpt", default="", help="a copy of karpathy/nanoGPT (e.g. baselines/nanoGPT); "
                                                  "its rows are skipped with a note when absent")
     p.add_argument("--learning", action="store_true", help="run the learning comparison instead of the speed check")
