@@ -120,13 +120,19 @@ def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[s
     files); raise ChecksumMismatch after the load if they do not match. The two overlap: DCP's reading and
     deserialising keeps one core busy, the hashing another, and the files are read once from disk (the
     second reader finds them in the page cache). A load that fails on a file whose checksum also fails is
-    reported as the checksum mismatch (the cause), except for the error types in `keep`."""
+    reported as the checksum mismatch (the cause), except for the error types in `keep`, which are raised as
+    they are (with the mismatch appended when there is one)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         check: Future = pool.submit(verify_checksums, url, meta, rels)
         try:
             result = action()
-        except keep:
-            raise  # errors that matter more than damage (a refused, crafted file) are never renamed
+        except keep as e:
+            # Errors that matter more than damage (refused, possibly crafted metadata) keep their type and
+            # stop the run; the checksum verdict is added, so bit rot is told from a resealed forgery.
+            problem = check.result()
+            if problem is not None:
+                raise type(e)(f"{e}; {problem}") from None
+            raise
         except Exception:
             problem = check.result()
             if problem is not None:  # the load failed *because* a file changed: say that, not the parser's words
