@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Callable
 
 from llm_dist.checkpoint.sharded import CheckpointReadError
+from llm_dist.cli_args import one_line, one_line_errors
 from llm_dist.config import Config, ConfigError, parse_args
 from llm_dist.data.index import DataIndexError
 from llm_dist.data.sources import DataPrepError
-from llm_dist.distributed import world_size_from_env
+from llm_dist.distributed import read_launch_env, world_size_from_env
+from llm_dist.eval.multiple_choice import MCFormatError
+from llm_dist.sft.chat import DataError
 from llm_dist.tokenizer import TokenizerFileError
 
 # Errors that describe bad input (a file, a key, a value) in one line: shown without a traceback.
-USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError)
+USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError, MCFormatError,
+               DataError)
 
 
 EXIT_FILE_ENV = "LLM_DIST_EXIT_FILE"
@@ -40,6 +44,48 @@ def report_exit(code: int) -> int:
     return code
 
 
+def tool_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Run a tool's `main(argv)`: any USER_ERRORS becomes one `error: ...` line on stderr and exit status 2."""
+    return one_line_errors(main, USER_ERRORS, argv)
+
+
+def check_device(device: str, key: str) -> None:
+    """`device` (auto | cpu | cuda) can be used on this machine by this rank; else ConfigError naming `key`."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{key}: {device!r} is not one of auto, cpu, cuda")
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}=cuda but CUDA is not available on this machine; use auto or cpu")
+    local_rank = read_launch_env().local_rank
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"{key}=cuda: local rank {local_rank} has no GPU (this node has "
+                          f"{torch.cuda.device_count()})")
+
+
+def check_output_dir(path: str, key: str) -> None:
+    """A local output directory that exists, or can be created, and can hold files; else ConfigError naming
+    `key`. Touches nothing. URLs (s3://...) are left to their filesystem."""
+    if "://" in path:
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a directory; expected a directory (or a new path)")
+    anc = p.absolute()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{key}: {path} cannot be created: {anc} is a file, not a directory")
+    st = os.statvfs(anc)
+    if st.f_blocks == 0:  # proc, sysfs and friends: no storage behind them
+        raise ConfigError(f"{key}: {path} is on a virtual filesystem ({anc}) that cannot hold files; "
+                          "expected a directory on a real disk")
+    if st.f_flag & os.ST_RDONLY or not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} is not writable ({anc} is read-only for this user)")
+
+
 def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = None,
         default_config: str | None = None) -> int:
     """Parse `[--config PATH] [key=value ...]`, validate for the launcher's world size, run the stage.
@@ -49,11 +95,13 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
     """
     try:
         cfg = parse_args(argv, default_config).validate(world_size_from_env())
+        check_device(cfg.parallel.device, "parallel.device")
+        check_output_dir(cfg.out_dir, "out_dir")
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        print(f"config error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
     try:
         return report_exit(int(stage_main(cfg) or 0))
     except USER_ERRORS as e:  # bad input found after start-up (files, data, checkpoints): one line, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
