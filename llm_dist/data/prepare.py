@@ -247,6 +247,32 @@ def _recipe_diff(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "index recipe differs"
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """DataPrepError unless `out_dir` is a directory or can be created as one (nothing is touched)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataPrepError(f"{out_dir}: exists and is not a directory; expected an output directory (or a new path)")
+    anc = out_dir.absolute()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DataPrepError(f"{out_dir}: cannot be created: {anc} is a file, not a directory")
+    st = os.statvfs(anc)
+    if st.f_blocks == 0:  # proc, sysfs: no storage behind them
+        raise DataPrepError(f"{out_dir}: on a virtual filesystem ({anc}) that cannot hold files")
+    if st.f_flag & os.ST_RDONLY or not os.access(anc, os.W_OK | os.X_OK):
+        raise DataPrepError(f"{out_dir}: not writable ({anc} is read-only for this user)")
+
+
+def _discard(out_dir: Path, created: bool) -> None:
+    """After a failed preparation: remove our shards and temp files, and the directory if we made it."""
+    clean_prepared_dir(out_dir)
+    if created:
+        try:
+            out_dir.rmdir()  # only if empty: never someone else's files
+        except OSError:
+            pass
+
+
 def prepare_dataset(
     out_dir: str | os.PathLike,
     sources: str | Sequence[str],
@@ -261,20 +287,28 @@ def prepare_dataset(
     log: Log | None = print,
     progress_interval: float = 5.0,
     chunk_chars: int = 1 << 20,
+    min_split_tokens: int = 0,
+    min_tokens_hint: str = "",
 ) -> dict[str, Any]:
     """Tokenize `sources` into shards under `out_dir` and return the index (a no-op if already prepared).
 
     sources: paths, globs or fsspec URLs of text / JSONL files. tokenizer: a Tokenizer or a
     `load_tokenizer` spec ("byte", "gpt2", a tokenizer file path). Raises DataPrepError on bad input and
-    when `out_dir` holds data prepared from something else (unless `overwrite`).
+    when `out_dir` holds data prepared from something else (unless `overwrite`). `min_split_tokens`: every
+    split must come out with at least this many tokens (a loader of context T needs T + 1), else nothing is
+    kept and the error says how many there are (`min_tokens_hint` is appended: how to fix it).
+    A failed preparation removes the shards it wrote, and `out_dir` itself if this call created it.
     """
-    if not 0.0 <= val_fraction < 1.0:
+    if not 0.0 <= val_fraction < 1.0:  # also false for nan
         raise DataPrepError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise DataPrepError(f"shard_tokens must be positive, got {shard_tokens}")
+    if num_proc < 1:
+        raise DataPrepError(f"num_proc must be >= 1, got {num_proc}")
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)  # before the (maybe slow) tokenizer load and before anything is written
     spec = tokenizer if isinstance(tokenizer, str) else None
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    out_dir = Path(out_dir)
     srcs = resolve_sources(sources, input_format)
     recipe = _recipe(srcs, tok, val_fraction, text_field)
 
@@ -295,6 +329,7 @@ def prepare_dataset(
                     f"{out_dir} holds data prepared from different inputs ({_recipe_diff(existing.get('recipe', {}), recipe)}); "
                     f"pass overwrite=True (--overwrite) to rebuild it, or choose another output directory"
                 )
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_prepared_dir(out_dir)  # index first, then stale shards/temps of an earlier run
     if removed and log:
@@ -334,16 +369,26 @@ def prepare_dataset(
                 consume(encoder.submit((split, *batch[split])))
         consume(encoder.drain())
         shard_lists = {s: w.close() for s, w in writers.items()}
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, Exception):  # bad input found mid-way; an interrupt leaves its shards for the re-run
+            _discard(out_dir, created)
         raise
     finally:
         encoder.close()
 
+    names = ", ".join(s.url for s in srcs[:3]) + (" ..." if len(srcs) > 3 else "")
     if progress.tokens["train"] == 0:
-        names = ", ".join(s.url for s in srcs[:3]) + (" ..." if len(srcs) > 3 else "")
+        _discard(out_dir, created)
         raise DataPrepError(f"empty input: no text (or no train documents) in {names}")
+    short = {s: writers[s].total_tokens for s in splits if writers[s].total_tokens < min_split_tokens}
+    if short:
+        _discard(out_dir, created)
+        got = ", ".join(f"{s} {n:,}" for s, n in short.items())
+        raise DataPrepError(
+            f"{names}: too little text: {got} tokens with tokenizer {tok.name!r}, but the loader needs at least "
+            f"{min_split_tokens:,} tokens (context length + 1) in each split{'; ' + min_tokens_hint if min_tokens_hint else ''}")
     if log and val_fraction > 0 and progress.tokens["val"] == 0:
         log(f"prepare_data: warning: val split is empty ({progress.docs['train']} documents, all hashed to train)")
 
