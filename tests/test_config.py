@@ -86,7 +86,9 @@ def test_bad_input_found_after_start_up_is_one_line(tmp_path: Path) -> None:
     p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={tmp_path / 'run'}",
                       f"data.source={missing}", f"data.dir={tmp_path / 'data'}"], check=False)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines()[-1] == f"error: {missing}: input file not found"
+    assert p.stderr.strip().splitlines() == [  # both problems: no prepared data, and no source to build it from
+        f"error: data.source {missing}: input file not found; data.dir {tmp_path / 'data'} holds no prepared data "
+        "(no index.json) to train on instead"]
     p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={tmp_path / 'run'}",
                       "tokenizer.name=gtp2"], check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(

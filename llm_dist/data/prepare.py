@@ -407,6 +407,74 @@ def prepare_dataset(
     return index
 
 
+def use_or_prepare(
+    out_dir: str | os.PathLike,
+    sources: str | Sequence[str],
+    tokenizer: Tokenizer | str,
+    val_fraction: float = 0.1,
+    *,
+    dir_key: str = "data.dir",
+    source_key: str = "data.source",
+    log: Log | None = print,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The trainer's rule: a valid prepared directory is authoritative; the source is needed only to build one.
+
+    - `out_dir` holds a valid index (every shard present with its recorded size): it is used as is, whatever
+      the source's state (missing, touched, moved). If the source is there but its content differs (sizes,
+      not mtimes) or `val_fraction` differs from the index's, one note says the prepared data is used.
+    - otherwise (no index, or a damaged one) it is (re)built from `sources` with `prepare_dataset`; when the
+      source cannot be read either, the one-line DataPrepError names both problems.
+    Whether the tokenizer matches is the loader's check (`index["tokenizer"]["fingerprint"]`).
+    """
+    out_dir = Path(out_dir)
+    try:
+        index = read_index(out_dir)
+    except DataIndexError as e:
+        index, damage = None, e
+    if index is not None:
+        note = _recipe_note(index, sources, val_fraction, kwargs.get("input_format", "auto"), source_key)
+        if note and log:
+            log(f"note: {dir_key} {out_dir} is already prepared and is used as is; {note}")
+        return index
+    try:
+        resolve_sources(sources, kwargs.get("input_format", "auto"))
+    except DataPrepError as e:
+        if (out_dir / INDEX_NAME).exists():
+            raise DataPrepError(f"{dir_key} {out_dir} is damaged ({damage}), and {source_key} {e}, so it cannot be "
+                                "rebuilt") from None
+        raise DataPrepError(f"{source_key} {e}; {dir_key} {out_dir} holds no prepared data (no {INDEX_NAME}) to "
+                            "train on instead") from None
+    if (out_dir / INDEX_NAME).exists() and log:
+        log(f"{dir_key} {out_dir} is damaged ({damage}); rebuilding it from {source_key}")
+    return prepare_dataset(out_dir, sources, tokenizer, val_fraction, log=log, **kwargs)
+
+
+def _recipe_note(index: dict, sources: str | Sequence[str], val_fraction: float, input_format: str,
+                 source_key: str) -> str:
+    """What differs between the prepared data's recipe and today's source/settings ('' = nothing known)."""
+    recipe = index.get("recipe") or {}
+    notes = []
+    if recipe.get("val_fraction") is not None and float(recipe["val_fraction"]) != float(val_fraction):
+        notes.append(f"it was split with val_fraction {recipe['val_fraction']}, not {val_fraction}")
+    try:
+        srcs = resolve_sources(sources, input_format)
+    except DataPrepError:
+        srcs = None  # the source is gone: nothing to compare, and nothing needed
+    if srcs is not None and "sources" in recipe:
+        old = [(s.get("url"), s.get("size")) for s in recipe["sources"]]
+        new = [(s.url, s.size) for s in srcs]
+        if [u for u, _ in old] != [u for u, _ in new]:
+            notes.append(f"{source_key} now names other files than it was prepared from")
+        elif old != new:
+            url, size = next((u, n) for (u, n), (_, o) in zip(new, old) if n != o)
+            was = dict(old)[url]
+            notes.append(f"{source_key} {url} changed since (size {was} -> {size} bytes)")
+    if not notes:
+        return ""
+    return "; ".join(notes) + " (to rebuild: tools/prepare_data.py --overwrite, or another data.dir)"
+
+
 def ensure_prepared(
     out_dir: str | os.PathLike,
     sources: str | Sequence[str],
@@ -416,8 +484,9 @@ def ensure_prepared(
 ) -> dict[str, Any]:
     """Make sure `out_dir` holds `sources` prepared with `tokenizer`; return its index.
 
-    The trainer's start-up hook: call it on rank 0 only, then barrier, then build loaders on every rank.
-    Cheap when the data is already there (stats the inputs and reads the index). Keyword arguments are
+    Call it on rank 0 only, then barrier, then build loaders on every rank. Cheap when the data is already
+    there (stats the inputs and reads the index). The trainer uses `use_or_prepare` instead, for which a
+    valid prepared directory is enough (no source needed). Keyword arguments are
     those of `prepare_dataset` (shard_tokens, num_proc, text_field, overwrite, log, ...).
     """
     return prepare_dataset(out_dir, sources, tokenizer, val_fraction, **kwargs)
