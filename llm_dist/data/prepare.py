@@ -329,17 +329,17 @@ def prepare_dataset(
                     f"{out_dir} holds data prepared from different inputs ({_recipe_diff(existing.get('recipe', {}), recipe)}); "
                     f"pass overwrite=True (--overwrite) to rebuild it, or choose another output directory"
                 )
+    single_text = len(srcs) == 1 and srcs[0].kind == "text"
+    if single_text:  # reads the whole file once (counting characters): a bad file fails before anything is written
+        pieces, rule = _single_file_pieces(srcs[0], val_fraction, chunk_chars)
+    else:
+        pieces, rule = _document_pieces(srcs, val_fraction, text_field)
+
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_prepared_dir(out_dir)  # index first, then stale shards/temps of an earlier run
     if removed and log:
         log(f"prepare_data: removed {len(removed)} files of an earlier or unfinished preparation in {out_dir}")
-
-    single_text = len(srcs) == 1 and srcs[0].kind == "text"
-    if single_text:
-        pieces, rule = _single_file_pieces(srcs[0], val_fraction, chunk_chars)
-    else:
-        pieces, rule = _document_pieces(srcs, val_fraction, text_field)
 
     dtype = dtype_for_vocab(tok.vocab_size)
     splits = SPLITS if val_fraction > 0 else ("train",)

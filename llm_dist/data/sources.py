@@ -12,6 +12,7 @@ Bad input raises `DataPrepError` with one line naming the file, line and key at 
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
@@ -93,16 +94,24 @@ def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") ->
 
 def read_text_chunks(url: str, chunk_chars: int) -> Iterator[str]:
     """Stream a UTF-8 text file in pieces of `chunk_chars` characters, newlines kept byte-exact."""
-    try:
-        # newline="" keeps "\r\n" as is: the prepared tokens encode exactly the file's text.
-        with fsspec.open(url, "rt", encoding="utf-8", newline="", compression="infer") as f:
-            while True:
-                piece = f.read(chunk_chars)
-                if not piece:
-                    return
+    # Bytes are decoded here (not by a text wrapper) so that a bad byte is reported at its offset in the file;
+    # nothing is translated, so "\r\n" stays as is: the prepared tokens encode exactly the file's text.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pos = 0  # bytes read so far
+    with fsspec.open(url, "rb", compression="infer") as f:
+        while True:
+            raw = f.read(chunk_chars)
+            pending = len(decoder.getstate()[0])  # bytes of a split character held from the previous read
+            try:
+                piece = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason} at byte offset {pos - pending + e.start} "
+                                    "of the file); expected UTF-8 text") from None
+            pos += len(raw)
+            if piece:
                 yield piece
-    except UnicodeDecodeError as e:
-        raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason} at byte {e.start} of a read block)") from None
+            if not raw:
+                return
 
 
 def read_text_file(url: str) -> str:
