@@ -80,12 +80,22 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the file and offset (not silently replaced)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerInputError(f"{path}: not valid UTF-8 ({e.reason} at byte offset {e.start}); "
+                                  "expected UTF-8 text") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_args(args)
     files = expand_inputs(args.inputs)
     t0 = time.perf_counter()
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [read_utf8(f) for f in files]
     n_bytes = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
     print(f"read {len(files)} file(s), {n_bytes / 1e6:.2f} MB in {time.perf_counter() - t0:.1f}s", flush=True)
 

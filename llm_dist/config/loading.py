@@ -146,6 +146,8 @@ def safe_load_unique(text: str):  # noqa: ANN201 - whatever the YAML holds
 
 def _read_yaml(path: str) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path}: is a directory; expected a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {path}: not found")
     try:

@@ -121,28 +121,32 @@ def read_text_file(url: str) -> str:
 
 def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
     """Yield `obj[text_field]` for each non-blank line; raise a one-line error for any malformed line."""
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataPrepError(f"{url}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                if text_field not in obj:
-                    keys = ", ".join(sorted(obj)[:8]) or "none"
-                    raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field")
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise DataPrepError(
-                        f"{url}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
-                    )
-                yield text
-    except UnicodeDecodeError as e:
-        raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason})") from None
+    offset = 0  # byte offset of the current line (in the decompressed stream)
+    with fsspec.open(url, "rb", compression="infer") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataPrepError(f"{url}:{lineno}: not valid UTF-8 ({e.reason} at byte offset "
+                                    f"{offset + e.start} of the file); expected UTF-8 JSON lines") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataPrepError(f"{url}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                keys = ", ".join(sorted(obj)[:8]) or "none"
+                raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise DataPrepError(
+                    f"{url}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+                )
+            yield text
 
 
 def split_at_safe_boundary(buf: str) -> int:
