@@ -18,11 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llm_dist.cli_args import ArgumentParser, finite_float, one_line_errors, positive_int  # noqa: E402
-from llm_dist.data.index import DataIndexError  # noqa: E402
+from llm_dist.cli import tool_main  # noqa: E402 - any USER_ERRORS: one line, exit 2
+from llm_dist.cli_args import ArgumentParser, finite_float, positive_int  # noqa: E402
 from llm_dist.data.prepare import DEFAULT_SHARD_TOKENS, prepare_dataset  # noqa: E402
-from llm_dist.data.sources import DataPrepError  # noqa: E402
-from llm_dist.tokenizer import TokenizerFileError  # noqa: E402
 
 DEFAULT_BLOCK_SIZE = 128  # model.block_size's default (llm_dist/config/schema.py)
 
@@ -64,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(one_line_errors(main, (DataPrepError, DataIndexError, TokenizerFileError)))
+    sys.exit(tool_main(main))

@@ -140,7 +140,8 @@ def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
                 raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:
                 keys = ", ".join(sorted(obj)[:8]) or "none"
-                raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field")
+                raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field "
+                                  "(data.text_field when training)")
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DataPrepError(
