@@ -122,6 +122,8 @@ CASES: list[Case] = [
     Case("bool-garbage", ["launch/pretrain.py", *TINY, "train.compile=maybe"], "train.compile"),
     Case("heads-divide", ["launch/pretrain.py", *TINY, "model.n_head=3"], "model.n_head=3"),
     Case("batch-divide", ["launch/pretrain.py", *TINY, "train.batch_size=6"], "train.batch_size=6"),
+    Case("seed-negative", ["launch/pretrain.py", *TINY, "train.seed=-1"], "train.seed"),
+    Case("moe-top-k-negative", ["launch/pretrain.py", *TINY, "model.moe.top_k=-1"], "model.moe.top_k"),
     Case("val-fraction", ["launch/pretrain.py", *TINY, "data.val_fraction=1.5"], "data.val_fraction"),
     Case("num-proc-0", ["launch/pretrain.py", *TINY, "data.num_proc=0"], "data.num_proc"),
     Case("section-as-value", ["launch/pretrain.py", *TINY, "model=3"], "model is a section"),
