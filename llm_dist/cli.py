@@ -97,6 +97,8 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
         cfg = parse_args(argv, default_config).validate(world_size_from_env())
         check_device(cfg.parallel.device, "parallel.device")
         check_output_dir(cfg.out_dir, "out_dir")
+        if cfg.checkpoint.dir:
+            check_output_dir(cfg.checkpoint.dir, "checkpoint.dir")
     except ConfigError as e:
         print(f"config error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)

@@ -73,22 +73,33 @@ def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") ->
     out: list[SourceFile] = []
     for spec in specs:
         spec = str(spec)
-        fs, path = url_to_fs(spec)
-        if _has_magic(path):
-            paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
-            if not paths:
-                raise DataPrepError(f"{spec}: no input files match this glob")
-        else:
-            if not fs.exists(path):
-                raise DataPrepError(f"{spec}: input file not found")
-            if fs.isdir(path):
-                raise DataPrepError(f"{spec}: is a directory; pass a glob such as '{spec.rstrip('/')}/*.txt'")
-            paths = [path]
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        for p in paths:
-            info = fs.info(p)
-            url = p if local else fs.unstrip_protocol(p)
-            out.append(SourceFile(url=url, kind=_kind_of(url, input_format), size=info.get("size"), mtime=_mtime(info)))
+        try:
+            out.extend(_resolve_one(spec, input_format))
+        except DataPrepError:
+            raise
+        except (ImportError, ValueError, OSError) as e:  # no backend for the URL (s3fs...), bad URL, I/O error
+            raise DataPrepError(f"{spec}: cannot open it ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _resolve_one(spec: str, input_format: str) -> list[SourceFile]:
+    fs, path = url_to_fs(spec)
+    if _has_magic(path):
+        paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        if not paths:
+            raise DataPrepError(f"{spec}: no input files match this glob")
+    else:
+        if not fs.exists(path):
+            raise DataPrepError(f"{spec}: input file not found")
+        if fs.isdir(path):
+            raise DataPrepError(f"{spec}: is a directory; pass a glob such as '{spec.rstrip('/')}/*.txt'")
+        paths = [path]
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    out = []
+    for p in paths:
+        info = fs.info(p)
+        url = p if local else fs.unstrip_protocol(p)
+        out.append(SourceFile(url=url, kind=_kind_of(url, input_format), size=info.get("size"), mtime=_mtime(info)))
     return out
 
 
