@@ -16,7 +16,8 @@ point) run as real processes, which also catches anything printed at import time
 CUDA is hidden from both (CUDA_VISIBLE_DEVICES="" for a subprocess, torch.cuda.is_available patched to False
 in this process), so "device cuda without CUDA" cases mean the same on a GPU machine.
 
-Adding cases: append a `Case` to CASES. `argv[0]` is a script path relative to the repository root; the
+Adding cases: append a `Case` to CASES (`copy_data` / `copy_run` give a case its own damaged copy of the
+world's prepared dir / run dir). `argv[0]` is a script path relative to the repository root; the
 placeholders {world}, {run}, {data}, {src}, {tok}, {cfg} (the session's world) and {tmp} (the case's own
 directory, where `setup(tmp, world)` may write bad files first) are filled in argv and in `expect`.
 """
@@ -87,6 +88,17 @@ def copy_data(damage: Callable[[Path], None]) -> Callable[[Path, World], None]:
     def setup(tmp: Path, world: World) -> None:
         shutil.copytree(world.root / "data", tmp / "data")
         damage(tmp / "data")
+
+    return setup
+
+
+def copy_run(damage: Callable[[Path], None]) -> Callable[[Path, World], None]:
+    """A copy of the world's run dir (config.yaml, metrics, a checkpoint) at tmp/run, then `damage(copy)`:
+    for cases about a run's or checkpoint's files, which must not touch the world's run."""
+
+    def setup(tmp: Path, world: World) -> None:
+        shutil.copytree(world.root / "run", tmp / "run")
+        damage(tmp / "run")
 
     return setup
 
