@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from llm_dist.checkpoint.sharded import CheckpointReadError
-from llm_dist.cli_args import one_line, one_line_errors
+from llm_dist.cli_args import one_line, one_line_errors, output_dir_problem
 from llm_dist.config import Config, ConfigError, parse_args
 from llm_dist.data.index import DataIndexError
 from llm_dist.data.sources import DataPrepError
@@ -68,22 +68,9 @@ def check_device(device: str, key: str) -> None:
 def check_output_dir(path: str, key: str) -> None:
     """A local output directory that exists, or can be created, and can hold files; else ConfigError naming
     `key`. Touches nothing. URLs (s3://...) are left to their filesystem."""
-    if "://" in path:
-        return
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{key}: {path} exists and is not a directory; expected a directory (or a new path)")
-    anc = p.absolute()
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ConfigError(f"{key}: {path} cannot be created: {anc} is a file, not a directory")
-    st = os.statvfs(anc)
-    if st.f_blocks == 0:  # proc, sysfs and friends: no storage behind them
-        raise ConfigError(f"{key}: {path} is on a virtual filesystem ({anc}) that cannot hold files; "
-                          "expected a directory on a real disk")
-    if st.f_flag & os.ST_RDONLY or not os.access(anc, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {path} is not writable ({anc} is read-only for this user)")
+    problem = output_dir_problem(path)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = None,

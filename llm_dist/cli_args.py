@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -88,6 +90,30 @@ def finite_float(lo: float | None = None, hi: float | None = None, lo_open: bool
         return v
 
     return _Checked(what, parse)
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be used as an output directory ("<path> ..."), or None if it can. Touches nothing.
+
+    It must be a directory or creatable as one: not an existing file, not below a file, not on a read-only
+    or virtual filesystem (/proc, /sys: no storage behind them), writable by this user. URLs are not checked.
+    """
+    if "://" in str(path):
+        return None
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return f"{path} exists and is not a directory; expected a directory (or a new path)"
+    anc = p.absolute()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{path} cannot be created: {anc} is a file, not a directory"
+    st = os.statvfs(anc)
+    if st.f_blocks == 0:
+        return f"{path} is on a virtual filesystem ({anc}) that cannot hold files; expected a directory on a real disk"
+    if st.f_flag & os.ST_RDONLY or not os.access(anc, os.W_OK | os.X_OK):
+        return f"{path} is not writable ({anc} is read-only for this user)"
+    return None
 
 
 def one_line_errors(main: Callable[..., object], errors: tuple[type[BaseException], ...],

@@ -184,7 +184,7 @@ CASES: list[Case] = [
     Case("config-is-dir", ["launch/pretrain.py", "--config", "{world}", *TINY], "{world}: is a directory"),
     Case("config-good-but-bad-override", ["launch/pretrain.py", "--config", "{cfg}", *TINY, "optim.beta2=1.0"],
          "optim.beta2"),
-    Case("data-dir-is-file", ["launch/pretrain.py", *TINY, "data.dir={src}"], "{src}: exists and is not a directory"),
+    Case("data-dir-is-file", ["launch/pretrain.py", *TINY, "data.dir={src}"], "{src} exists and is not a directory"),
     Case("tokenizer-binary", ["launch/pretrain.py", *TINY, "tokenizer.name={tmp}/t.json"], "{tmp}/t.json",
          write("t.json", bytes(range(256)) * 4)),
     # ---- post-training stages: JSONL rows ----------------------------------------------------------
@@ -223,7 +223,7 @@ CASES: list[Case] = [
          "{tmp}/t.json", write("t.json", '{"format": "llm_dist.bpe", "version": 1, "ranks": ["AA=='), subprocess=True),
     Case("prep-tokenizer-unknown", ["tools/prepare_data.py", "-i", "{src}", "-o", "{tmp}/out", "-t", "nosuch"],
          "'nosuch'"),
-    Case("prep-out-is-file", ["tools/prepare_data.py", "-i", "{src}", "-o", "{src}"], "{src}: exists and is not a directory"),
+    Case("prep-out-is-file", ["tools/prepare_data.py", "-i", "{src}", "-o", "{src}"], "{src} exists and is not a directory"),
     Case("prep-out-proc", ["tools/prepare_data.py", "-i", "{src}", "-o", "/proc/llm_dist_data"], "/proc/llm_dist_data"),
     Case("prep-num-proc-0", ["tools/prepare_data.py", "-i", "{src}", "-o", "{tmp}/out", "--num-proc", "0"], "--num-proc"),
     Case("prep-shard-tokens-neg", ["tools/prepare_data.py", "-i", "{src}", "-o", "{tmp}/out", "--shard-tokens", "-1"],

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llm_dist.cli_args import ArgumentParser, one_line_errors, positive_int  # noqa: E402
+from llm_dist.cli_args import ArgumentParser, one_line_errors, output_dir_problem, positive_int  # noqa: E402
 from llm_dist.tokenizer import EOT, PATTERNS, TokenizerFileError, train_bpe  # noqa: E402
 from llm_dist.tokenizer.pretokenize import resolve_pattern  # noqa: E402
 
@@ -62,8 +62,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise TokenizerInputError(f"--out {args.out}: is a directory; expected a JSON file path")
     if not out.parent.is_dir():
         raise TokenizerInputError(f"--out {args.out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK) or os.statvfs(out.parent).f_blocks == 0:
-        raise TokenizerInputError(f"--out {args.out}: folder {out.parent} cannot hold a new file")
+    problem = output_dir_problem(out.parent)
+    if problem:
+        raise TokenizerInputError(f"--out {args.out}: folder {problem}")
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from llm_dist.cli_args import output_dir_problem
 from llm_dist.data.index import (
     INDEX_NAME,
     DataIndexError,
@@ -249,18 +250,9 @@ def _recipe_diff(old: dict, new: dict) -> str:
 
 def check_output_dir(out_dir: Path) -> None:
     """DataPrepError unless `out_dir` is a directory or can be created as one (nothing is touched)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataPrepError(f"{out_dir}: exists and is not a directory; expected an output directory (or a new path)")
-    anc = out_dir.absolute()
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise DataPrepError(f"{out_dir}: cannot be created: {anc} is a file, not a directory")
-    st = os.statvfs(anc)
-    if st.f_blocks == 0:  # proc, sysfs: no storage behind them
-        raise DataPrepError(f"{out_dir}: on a virtual filesystem ({anc}) that cannot hold files")
-    if st.f_flag & os.ST_RDONLY or not os.access(anc, os.W_OK | os.X_OK):
-        raise DataPrepError(f"{out_dir}: not writable ({anc} is read-only for this user)")
+    problem = output_dir_problem(out_dir)
+    if problem:
+        raise DataPrepError(problem)
 
 
 def _discard(out_dir: Path, created: bool) -> None:
