@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from llm_dist.checkpoint.manager import CheckpointWriteError
 from llm_dist.checkpoint.sharded import CheckpointReadError
 from llm_dist.cli_args import one_line, one_line_errors, output_dir_problem
 from llm_dist.config import Config, ConfigError, parse_args
@@ -21,12 +22,15 @@ from llm_dist.data.index import DataIndexError
 from llm_dist.data.sources import DataPrepError
 from llm_dist.distributed import read_launch_env, world_size_from_env
 from llm_dist.eval.multiple_choice import MCFormatError
+from llm_dist.run_lock import RunLockError
 from llm_dist.sft.chat import DataError
 from llm_dist.tokenizer import TokenizerFileError
 
 # Errors that describe bad input (a file, a key, a value) in one line: shown without a traceback.
-USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError, MCFormatError,
-               DataError)
+USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError, RunLockError,
+               MCFormatError, DataError)
+# Errors of the machine, not of the input (a full disk): one line too, exit 1; the partial write is removed.
+ENV_ERRORS = (CheckpointWriteError,)
 
 
 EXIT_FILE_ENV = "LLM_DIST_EXIT_FILE"
@@ -94,3 +98,6 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
     except USER_ERRORS as e:  # bad input found after start-up (files, data, checkpoints): one line, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
+    except ENV_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return report_exit(1)

@@ -98,9 +98,40 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def watch_parent(poll_s: float = 1.0, env: dict[str, str] | None = None) -> bool:
+    """Under torchrun, exit when the agent that started this worker dies. Returns whether it watches.
+
+    A SIGKILLed torchrun agent cannot stop its workers: they are re-parented and would go on training (and
+    writing checkpoints) with nobody to collect them (seen: 200 more steps). A daemon thread compares
+    `os.getppid()` with the agent's pid once a second and, when it changes, exits the process at once
+    (`os._exit`: no cleanup that could block on dead peers; any checkpoint being written stays an
+    incomplete `.tmp` directory, which is never loaded). Plain `python` runs are not watched: a user may
+    well start one with `nohup` and close the shell that was its parent.
+    """
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env or getattr(watch_parent, "_started", False):
+        return False
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"error: rank {env.get('RANK', '?')}: the torchrun agent (pid {parent}) is gone; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(70)  # EX_SOFTWARE; nobody is left to read it, but a wrapper may
+
+    import threading
+
+    threading.Thread(target=watch, name="llm_dist-parent-watch", daemon=True).start()
+    watch_parent._started = True  # type: ignore[attr-defined]
+    return True
+
+
 def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> Runtime:
     """Start the process group if the launcher asked for several ranks; otherwise a single process."""
     env = read_launch_env()
+    watch_parent()
     dev = pick_device(device, env.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -179,6 +210,19 @@ def warn0(msg: str) -> None:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def agree_on_problem(problem: str | None) -> str | None:
+    """Every rank passes what it found wrong (or None); every rank gets the first rank's problem, or None.
+
+    For decisions that must be the same on every rank (is this checkpoint usable?) when each rank checked
+    only its own part. A collective (object all-gather of a few short strings) when there are several ranks.
+    """
+    if get_world_size() == 1:
+        return problem
+    found: list[str | None] = [None] * get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p is not None), None)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

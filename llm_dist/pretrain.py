@@ -99,7 +99,8 @@ def main(cfg: Config) -> int:
                  f"{pm.strategy}, activation checkpointing {cfg.parallel.ac}; {model_summary(pm.model)}")
         D.print0(f"data: {loader}")
         trainer = Trainer(cfg, rt, pm, amp_dtype=amp_dtype)
-        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]))
+        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]),
+                                   tokenizer=tok)
 
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)

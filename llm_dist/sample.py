@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 import torch
-import yaml
 
-from llm_dist.checkpoint import load_checkpoint_tokenizer, read_config
+from llm_dist.checkpoint import load_checkpoint_tokenizer, read_config_dict
 from llm_dist.checkpoint import resolve_checkpoint as find_checkpoint
-from llm_dist.checkpoint.sharded import load_model_weights
+from llm_dist.checkpoint.manager import load_checkpoint_weights
 from llm_dist.cli import USER_ERRORS, check_device
 from llm_dist.cli_args import ArgumentParser, finite_float, nonnegative_int, one_line, positive_int
 from llm_dist.config import Config, apply_dict
@@ -31,9 +30,9 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[Transform
     """Model (eval mode, unsharded) + tokenizer + config from a checkpoint written by any number of ranks."""
     url = resolve_checkpoint(str(path))
     cfg = Config()
-    apply_dict(cfg, yaml.safe_load(read_config(url)))
+    apply_dict(cfg, read_config_dict(url))
     model = build_model(cfg.model, device)
-    load_model_weights(model, url.rstrip("/") + "/dcp")
+    load_checkpoint_weights(model, url)
     model.eval()
     return model, load_checkpoint_tokenizer(url), cfg
 

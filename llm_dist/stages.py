@@ -6,18 +6,21 @@ Moved out of `llm_dist/pretrain.py` so that the post-training stages reuse the e
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint import (CheckpointManager, find_latest, list_checkpoints, load_checkpoint, read_config,
-                                 resolve_checkpoint, set_rng_state, verify)
+from llm_dist.checkpoint import (CheckpointManager, list_checkpoints, load_checkpoint, load_checkpoint_tokenizer,
+                                 read_config_dict, resolve_checkpoint, set_rng_state, verify)
+from llm_dist.checkpoint.manager import explain_missing
+from llm_dist.checkpoint.sharded import CheckpointReadError, UnsafeCheckpointError
 from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
 from llm_dist.distributed import Runtime
+from llm_dist.run_lock import RunLock, RunLockError
 from llm_dist.model.transformer import Transformer
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
 from llm_dist.train.throughput import Throughput, peak_flops
@@ -70,6 +73,7 @@ def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # 
         return EXIT_NONFINITE
     finally:
         logger.close()
+        release_run_locks()
     D.print0(f"{stage} {reason} at step {trainer.state.step}; run directory: {out_dir}")
     if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
         return EXIT_REQUEUE
@@ -86,20 +90,28 @@ def resolve_vocab(cfg: Config, tok: Tokenizer) -> None:
 
 
 def resume_candidates(cfg: Config, ckpt_dir: str) -> list[str]:
-    """Checkpoints to try, newest first: every complete, verified one (auto), or the one named."""
+    """Checkpoints to try, newest first: every complete one in `ckpt_dir` (auto), or the one named (a
+    checkpoint, a checkpoints dir or a run dir, as `init_from` accepts). Nothing is verified here:
+    `resume_run` checks each and says why one is skipped."""
     r = cfg.checkpoint.resume
     if r == "never":
         return []
     if r == "auto":
-        latest = find_latest(ckpt_dir)  # reports incomplete/corrupt ones
-        if latest is None:
-            return []
-        complete, _ = list_checkpoints(ckpt_dir)
-        return [u for u in reversed(complete) if u <= latest and verify(u) is None]
-    problem = verify(r)
-    if problem is not None:
-        raise ConfigError(f"checkpoint.resume: {problem}")
-    return [r]
+        complete, incomplete = list_checkpoints(ckpt_dir)
+        newest = _step_num(complete[-1]) if complete else -1
+        for url in incomplete:
+            if _step_num(url) > newest:
+                D.warn0(f"checkpoint {url} is incomplete (no COMPLETE marker): skipped")
+        return list(reversed(complete))
+    url = resolve_checkpoint(resolve_path(r))
+    if url is None:
+        raise CheckpointReadError(f"checkpoint.resume={r}: {explain_missing(resolve_path(r))}")
+    return [url]
+
+
+def _step_num(url: str) -> int:
+    tail = url.rstrip("/").rsplit("/", 1)[-1]
+    return int(tail[5:13]) if tail[5:13].isdigit() else -1
 
 
 # Model keys that change how the same parameters are computed, not which parameters exist: free to differ.
@@ -120,24 +132,61 @@ def check_model_matches(cfg: Config, ckpt_config: dict, path: str) -> None:
         raise ConfigError(f"checkpoint {path} has a different model: {'; '.join(diff)}")
 
 
-def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: int,
-               load_extra: Callable[[dict], None] | None = None) -> str | None:
-    """Load the newest usable checkpoint into `trainer` (falling back to older ones if one cannot be read).
+def _try_load(cfg: Config, trainer: Trainer, url: str, tokenizer: Tokenizer | None,
+              load_extra: Callable[[dict], None] | None) -> dict:
+    """Load one checkpoint into `trainer` or raise CheckpointReadError (one line) saying why it is unusable.
 
-    `load_extra(train_state)` restores the stage's own resumable state (its data position, ...) from the
-    checkpoint's train_state.json. Returns the checkpoint URL, or None on a fresh start (RNG seeded per rank).
+    A different architecture or tokenizer is a ConfigError instead: that is the run's config disagreeing
+    with a good checkpoint, and falling back to an older one would not help.
     """
-    for url in resume_candidates(cfg, ckpt_dir):
-        check_model_matches(cfg, yaml.safe_load(read_config(url)), url)
-        try:
-            ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer)
-        except Exception as e:  # noqa: BLE001 - DCP raises the same error on every rank, so all fall back
-            D.warn0(f"checkpoint {url} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                    "trying an older one")
-            continue
+    problem = verify(url)  # complete, meta.json readable, every file at its recorded size
+    if problem is not None:
+        raise CheckpointReadError(problem)
+    check_model_matches(cfg, read_config_dict(url), url)
+    if tokenizer is not None:
+        saved = load_checkpoint_tokenizer(url)
+        if saved.fingerprint() != tokenizer.fingerprint():
+            raise ConfigError(f"checkpoint {url} was trained with tokenizer {saved.name!r} ({saved.fingerprint()}), "
+                              f"this run uses {tokenizer.name!r} ({tokenizer.fingerprint()})")
+    ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer, checksums=cfg.checkpoint.checksums)
+    try:
         trainer.load_train_state(ck["train_state"])
         if load_extra is not None:
             load_extra(ck["train_state"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointReadError(f"checkpoint {url}/train_state.json: unusable ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:160]})") from None
+    return ck
+
+
+def _without_prefix(why: str, url: str) -> str:
+    """'checkpoint <url>/dcp/x: problem' -> 'dcp/x: problem' (the url is said once, before it)."""
+    head = f"checkpoint {url}"
+    return why[len(head):].lstrip("/: ") if why.startswith(head) else why
+
+
+def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: int,
+               load_extra: Callable[[dict], None] | None = None, tokenizer: Tokenizer | None = None) -> str | None:
+    """Load the newest usable checkpoint into `trainer`, falling back to older ones (each skip said in one
+    line). When checkpoints exist but none can be loaded, stop (CheckpointReadError naming each and why):
+    starting over would overwrite and prune them, so it takes an explicit `checkpoint.resume=never`.
+
+    `load_extra(train_state)` restores the stage's own resumable state (its data position, ...) from the
+    checkpoint's train_state.json; `tokenizer` (the run's) must be the one the checkpoint was trained with.
+    Returns the checkpoint URL, or None on a fresh start (RNG seeded per rank).
+    """
+    candidates = resume_candidates(cfg, ckpt_dir)
+    failures: list[tuple[str, str]] = []
+    for url in candidates:
+        try:
+            ck = _try_load(cfg, trainer, url, tokenizer, load_extra)
+        except UnsafeCheckpointError:
+            raise  # a crafted file is an attack, not damage: stop rather than quietly use an older one
+        except CheckpointReadError as e:  # the same verdict on every rank (files are shared, DCP agrees)
+            failures.append((url, str(e)))
+            continue
+        for bad, why in failures:  # said only now: when nothing loads, the one error line below says it all
+            D.warn0(f"{why}: skipped, resumed from an older checkpoint")
         if ck["rng"] is not None and ck["meta"].get("world_size") == world:
             set_rng_state(ck["rng"])
         else:  # another world size: derive each rank's RNG from (seed, step, rank), deterministically
@@ -145,21 +194,58 @@ def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: i
         D.print0(f"resumed from {url} at step {trainer.state.step} ({trainer.state.tokens_seen:,} tokens seen; "
                  f"written by {ck['meta'].get('world_size')} rank(s), now {world})")
         return url
+    if failures:
+        where = ckpt_dir if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume
+        each = "; ".join(f"{url.rstrip('/').rsplit('/', 1)[-1]}: {_without_prefix(why, url)}" for url, why in failures)
+        raise CheckpointReadError(
+            f"checkpoint.resume={cfg.checkpoint.resume}: no checkpoint in {where} can be loaded ({each}). "
+            "Nothing was changed; fix or move them, or start over with checkpoint.resume=never")
     D.seed_everything(D.rank_seed(cfg.train.seed, rank))  # fresh start: dropout differs per rank, reproducibly
     return None
 
 
 def open_checkpoints(cfg: Config, trainer: Trainer, out_dir: Path, load_extra: Callable[[dict], None],
-                     init_url: str | None = None) -> tuple[CheckpointManager, str | None]:
+                     init_url: str | None = None, tokenizer: Tokenizer | None = None
+                     ) -> tuple[CheckpointManager, str | None]:
     """The run's checkpoint manager, after resuming from its newest usable checkpoint (or, on a fresh start,
     loading the weights of `init_url`). Returns (manager, the checkpoint resumed from or None)."""
+    lock_run_dir(out_dir)
     ckpt_dir = cfg.checkpoint.dir or str(out_dir / "checkpoints")
-    ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save)
-    resumed = resume_run(cfg, trainer, ckpt_dir, D.get_rank(), D.get_world_size(), load_extra)
+    ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save,
+                             checksums=cfg.checkpoint.checksums)
+    resumed = resume_run(cfg, trainer, ckpt_dir, D.get_rank(), D.get_world_size(), load_extra, tokenizer)
     if resumed is None and init_url is not None:
         init_from_checkpoint(trainer.raw_model, init_url, cfg.model.vocab_size)
     trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish before params change
     return ckpt, resumed
+
+
+def lock_run_dir(out_dir: Path) -> RunLock:
+    """Rank 0 takes the run directory's lock (every rank stops with the same one line when another live run
+    holds it); released at the end of `run_fit` or, on any other exit, at interpreter exit."""
+    lock = RunLock(out_dir)
+    problem = None
+    if D.is_main():
+        try:
+            note = lock.acquire()
+            if note:
+                D.warn0(note)
+        except RunLockError as e:
+            problem = str(e)
+    problem = D.agree_on_problem(problem)
+    if problem is not None:
+        raise RunLockError(problem)
+    atexit.register(lock.release)
+    _HELD_LOCKS.append(lock)
+    return lock
+
+
+_HELD_LOCKS: list[RunLock] = []
+
+
+def release_run_locks() -> None:
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
 
 
 def stage_throughput(cfg: Config, rt: Runtime, model: Transformer, amp_dtype: torch.dtype, seq_len: int
@@ -195,7 +281,7 @@ def resolve_checkpoint_url(path: str) -> str:
     """A checkpoint dir, or a run / checkpoints dir whose newest complete checkpoint is meant."""
     url = resolve_checkpoint(resolve_path(path))
     if url is None:
-        raise ConfigError(f"init_from {path}: no complete checkpoint there (expected a step_N dir or a run dir)")
+        raise ConfigError(f"init_from {path}: {explain_missing(resolve_path(path))}")
     return url
 
 
@@ -242,7 +328,7 @@ def setup_chat_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str | None
 def checkpoint_model_config(url: str) -> ModelConfig:
     """The model section of a checkpoint's resolved config."""
     saved = Config()
-    apply_dict(saved, yaml.safe_load(read_config(url)))
+    apply_dict(saved, read_config_dict(url))
     return saved.model
 
 
@@ -272,12 +358,12 @@ def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> No
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from llm_dist.checkpoint.sharded import load_model_weights
+    from llm_dist.checkpoint.manager import load_checkpoint_weights
     from llm_dist.model.transformer import build_model, padded_vocab_size
 
     old_cfg = checkpoint_model_config(url)
     src = build_model(old_cfg, "cpu")
-    load_model_weights(src, url.rstrip("/") + "/dcp")
+    load_checkpoint_weights(src, url)
     sd = src.state_dict()
     if new_vocab != old_cfg.vocab_size:
         resize_vocab_rows(sd, old_cfg.vocab_size, new_vocab, padded_vocab_size(new_vocab, old_cfg.vocab_multiple))

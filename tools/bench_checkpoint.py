@@ -107,14 +107,15 @@ def staging_cost(state: dict, repeats: int = 2) -> dict:
     return {"fresh_alloc_copy_s": min(fresh), "preallocated_copy_s": min(reuse)}
 
 
-def bench_mode(root: Path, state: dict, async_save: bool, trials: int, step_fn) -> dict:  # noqa: ANN001
+def bench_mode(root: Path, state: dict, async_save: bool, trials: int, step_fn,  # noqa: ANN001
+               checksums: bool = True) -> dict:
     """`trials` saves of the same state through CheckpointManager, each followed by one training step.
 
     blocking = what the training loop waits for: the `save()` call, plus (async) the rest of the CPU copy
     still running when the next optimizer step wants to change the tensors (`wait_staged()` after the
     step's forward/backward, exactly where the trainer's pre-step hook waits).
     """
-    mgr = CheckpointManager(str(root), keep_last_k=1, async_save=async_save)
+    mgr = CheckpointManager(str(root), keep_last_k=1, async_save=async_save, checksums=checksums)
     blocking, total, steps, url = [], [], [], ""
     for i in range(trials):
         D.barrier()
@@ -132,19 +133,33 @@ def bench_mode(root: Path, state: dict, async_save: bool, trials: int, step_fn) 
         D.barrier()  # rank 0 finalises: the checkpoint is complete for everyone after this
         total.append(time.perf_counter() - t0 - steps[-1])
     mgr.close()
-    return {"mode": "async" if async_save else "sync", "blocking_s": blocking, "total_s": total, "step_s": steps,
-            "url": url}
+    return {"mode": ("async" if async_save else "sync") + ("" if checksums else ", no checksums"),
+            "blocking_s": blocking, "total_s": total, "step_s": steps, "url": url}
 
 
-def bench_load(url: str, model: torch.nn.Module, opt: torch.optim.Optimizer, trials: int) -> list[float]:
+def bench_load(url: str, model: torch.nn.Module, opt: torch.optim.Optimizer, trials: int, checksums: bool = True
+               ) -> list[float]:
     times = []
     for _ in range(trials):
         D.barrier()
         t0 = time.perf_counter()
-        load_checkpoint(url, model, opt)
+        load_checkpoint(url, model, opt, checksums=checksums)
         D.barrier()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def hash_cost(url: str) -> float:
+    """Seconds to hash every file of one checkpoint (the files are in the page cache), for reference."""
+    import fsspec
+
+    from llm_dist.checkpoint import integrity
+
+    fs, root = fsspec.core.url_to_fs(url)
+    paths = {p: p for p in fs.find(root)}
+    t0 = time.perf_counter()
+    integrity.file_checksums(fs, paths)
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=3, help="saves (and loads) per mode; medians are reported")
     ap.add_argument("--dir", default="", help="where to write checkpoints (default: a temp dir, removed after)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--skip-async-nosum", action="store_true", help="skip the async run without checksums")
     ap.add_argument("--step-tokens", type=int, default=256,
                     help="tokens in the forward/backward run after each save (the next training step)")
     args = ap.parse_args(argv)
@@ -189,11 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         model.zero_grad(set_to_none=True)
 
     results = {}
-    for label, async_save in (("sync", False), ("async", True)):  # sync first: async cannot profit from a warmer cache
-        r = bench_mode(base / label, state, async_save, args.trials, step_fn)
-        r["load_s"] = bench_load(r["url"], model, opt, args.trials)
+    # sync first: async cannot profit from a warmer cache. Each mode runs with and without checksums
+    # (meta.json's CRC-32s written at save, checked at load) to price them on the same state and machine.
+    for label, async_save, sums in (("sync", False, True), ("sync_nosum", False, False),
+                                    ("async", True, True), ("async_nosum", True, False)):
+        if label == "async_nosum" and args.skip_async_nosum:
+            continue
+        r = bench_mode(base / label, state, async_save, args.trials, step_fn, checksums=sums)
+        r["load_s"] = bench_load(r["url"], model, opt, args.trials, checksums=sums)
         r["shard_bytes"] = shard_bytes(r["url"]) if rank == 0 else 0
         results[label] = r
+    hash_s = hash_cost(results["sync"]["url"]) if rank == 0 else 0.0
 
     med = statistics.median
     ckpt_bytes = results["sync"]["shard_bytes"]
@@ -206,11 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     sync_block = rows[0]["blocking_s"]
     for r in rows:
         r["blocking_over_sync"] = r["blocking_s"] / sync_block
-    ratio = rows[1]["blocking_over_sync"]
+    by_mode = {r["mode"]: r for r in rows}
+    ratio = by_mode["async"]["blocking_over_sync"]
+    cost = {}
+    for mode in ("sync", "async"):
+        off = by_mode.get(f"{mode}, no checksums")
+        if off is not None:
+            cost[mode] = {"save": by_mode[mode]["total_s"] / off["total_s"] - 1,
+                          "blocking": by_mode[mode]["blocking_s"] / off["blocking_s"] - 1,
+                          "load": by_mode[mode]["load_s"] / off["load_s"] - 1}
     report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "world_size": world, "params": n_params, "state_bytes_per_rank": nbytes, "checkpoint_bytes": ckpt_bytes,
               "trials": args.trials, "rows": rows, "staging": staging, "async_blocking_over_sync": ratio,
-              "goal": "async blocking <= 10% of sync", "goal_met": ratio <= 0.10}
+              "goal": "async blocking <= 10% of sync", "goal_met": ratio <= 0.10,
+              "checksum_cost": cost, "hash_alone_s": hash_s,
+              "checksum_goal": "checksums cost <= 5% of save and load time",
+              "checksum_goal_met": all(v["save"] <= 0.05 and v["load"] <= 0.05 for v in cost.values())}
     if rank == 0:
         print(f"\ncheckpoint {ckpt_bytes / GB:.2f} GB on disk ({world} rank(s)); medians of {args.trials} trials\n")
         print("| mode | blocking s | vs sync | total s | save GB/s | load s | load GB/s | next step s | blocking per trial s |")
@@ -223,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nasync (real path) blocks {100 * ratio:.1f}% of sync (goal <= 10%: {verdict})")
         print(f"staging alone: copy into fresh CPU memory {staging['fresh_alloc_copy_s']:.2f}s, into preallocated "
               f"buffers {staging['preallocated_copy_s']:.2f}s")
+        print(f"\nchecksums (CRC-32 per 64 MiB block; hashing every file alone: {hash_s:.2f}s)\n")
+        print("| mode | save +% | blocking +% | load +% |")
+        print("|---|---:|---:|---:|")
+        for mode, c in cost.items():
+            print(f"| {mode} | {100 * c['save']:+.1f}% | {100 * c['blocking']:+.1f}% | {100 * c['load']:+.1f}% |")
+        print(f"checksum cost <= 5% of save and load: {'met' if report['checksum_goal_met'] else 'NOT met'}")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))

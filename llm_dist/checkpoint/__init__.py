@@ -7,6 +7,7 @@ from llm_dist.checkpoint.manager import (
     load_checkpoint,
     load_checkpoint_tokenizer,
     read_config,
+    read_config_dict,
     read_json,
     resolve_checkpoint,
     verify,
@@ -14,4 +15,4 @@ from llm_dist.checkpoint.manager import (
 from llm_dist.checkpoint.rng import get_rng_state, set_rng_state
 
 __all__ = ["CheckpointManager", "find_latest", "list_checkpoints", "load_checkpoint", "load_checkpoint_tokenizer",
-           "read_config", "read_json", "resolve_checkpoint", "verify", "get_rng_state", "set_rng_state"]
+           "read_config", "read_config_dict", "read_json", "resolve_checkpoint", "verify", "get_rng_state", "set_rng_state"]

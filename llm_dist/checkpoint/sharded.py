@@ -14,10 +14,14 @@ fsspec URL such as `s3://` when its filesystem package is installed).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import pickle
+import posixpath
+import warnings
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,6 +31,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from llm_dist.checkpoint.integrity import DigestingWriterMixin
 
 try:  # torch >= 2.11 keeps them here; some releases also re-export them at the package level
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
@@ -107,19 +113,32 @@ def make_stager() -> Any | None:
                                         use_non_blocking_copy=cuda))
 
 
+class DigestingWriter(DigestingWriterMixin, FsspecWriter):
+    """FsspecWriter that also records the checksums of the shard files it writes (see integrity.py)."""
+
+
 def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | None = None,
-         asynchronous: bool = False, stager: Any | None = None) -> tuple[Future | None, Future | None]:
+         asynchronous: bool = False, stager: Any | None = None, sums_root: str | None = None,
+         extra_sums: dict[str, list[str]] | None = None) -> tuple[Future | None, Future | None]:
     """Write `state` under `path` (collective). Returns (staged, written) futures; (None, None) when sync.
+
+    With `sums_root` (the checkpoint directory above `path`), each rank also writes the checksums of its
+    shard files and of `extra_sums` to `<sums_root>/sums/rank_<r>.json` before DCP's coordinator finishes.
 
     Async: the state is copied to CPU (by `stager` in the background, else before returning) and written by
     a background thread; `staged` completes when the copy is done, i.e. when the live tensors may change.
     """
-    writer = FsspecWriter(path)
+    writer = DigestingWriter(path) if sums_root is not None else FsspecWriter(path)
+    if sums_root is not None:
+        writer.sums_root, writer.sums_prefix = sums_root, posixpath.basename(path.rstrip("/"))
+        writer.extra_sums, writer.sums_rank = dict(extra_sums or {}), dist.get_rank() if dist.is_initialized() else 0
     if not asynchronous:
-        dcp.save(state, storage_writer=writer, process_group=process_group)
+        with _quiet_dcp():
+            dcp.save(state, storage_writer=writer, process_group=process_group)
         return None, None
     kwargs = {"async_stager": stager} if stager is not None else {}
-    resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
+    with _quiet_dcp():
+        resp = dcp.async_save(state, storage_writer=writer, process_group=process_group, **kwargs)
     if hasattr(resp, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
         return resp.staging_completion, resp.upload_completion
     done = Future()
@@ -127,8 +146,39 @@ def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | No
     return done, resp
 
 
+# DCP warns on every save/load without a process group that it "assumes the intent is a single process",
+# which is exactly the intent here. Installed once for the process (not per call): async saves call DCP
+# from a background thread, after any per-call `catch_warnings` has already restored the filters.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _dcp_metadata_fallback_record(record: logging.LogRecord) -> bool:
+    """False for DCP's "metadata is not found" warnings: logged on the root logger with a full traceback
+    each time a checkpoint's metadata cannot be read, although the load then fails with its own error,
+    which the callers report in one line (and fall back from)."""
+    msg = str(record.msg)
+    return not (msg.startswith(("Global metadata is not found", "Rank local metadata is not found"))
+                and record.pathname.endswith("state_dict_loader.py"))
+
+
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """DCP logs tracebacks for metadata it then reports as an error anyway: silenced during our calls."""
+    root = logging.getLogger()
+    root.addFilter(_dcp_metadata_fallback_record)
+    try:
+        yield
+    finally:
+        root.removeFilter(_dcp_metadata_fallback_record)
+
+
 class CheckpointReadError(RuntimeError):
     """A checkpoint could not be read; the message names it and the first failure, in one line."""
+
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A checkpoint file asks for something a data-only load never does (a refused pickle global): treated
+    as an attack, not as damage, so callers stop instead of falling back to an older checkpoint."""
 
 
 def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
@@ -138,10 +188,14 @@ def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
     BaseException); it becomes one `CheckpointReadError` so callers can fall back consistently.
     """
     try:
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
+        with _quiet_dcp():
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
     except CheckpointException as e:
         first = next(iter(e.failures.values()))[0]
         detail = " ".join(str(first).split())[:300]
+        if isinstance(first, pickle.UnpicklingError) or "which is not allowed" in detail:  # a refused global
+            raise UnsafeCheckpointError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})"
+                                        ) from None
         raise CheckpointReadError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})") from None
 
 

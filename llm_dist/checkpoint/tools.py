@@ -226,7 +226,7 @@ def inspect(path: str) -> dict:
     model_rows = {r.name.removeprefix("model."): r for r in rows if r.group == "model" and r.dtype != "bytes"}
     ties = _tied_keys(cfg, set(model_rows))
     n_params = sum(_numel(r.shape) for k, r in model_rows.items() if k not in ties)
-    problem = verify(url)
+    problem = verify(url, checksums=True)  # inspect is where a user checks a checkpoint: every byte
     return {
         "format": "dcp", "path": url, "step": meta.get("step"), "world_size": meta.get("world_size"),
         "strategy": meta.get("strategy"), "tokens_seen": meta.get("tokens_seen"), "time": meta.get("time"),
@@ -491,7 +491,7 @@ def _checkpoint_extra(url: str) -> dict[str, Any]:
 def _complete(path: str) -> str:
     """`resolve`, refusing a checkpoint that is incomplete or fails verification (never export garbage)."""
     url = resolve(path)
-    problem = verify(url)
+    problem = verify(url, checksums=True)
     if problem is not None:
         raise CheckpointToolError(problem)
     return url

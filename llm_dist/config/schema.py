@@ -151,6 +151,7 @@ class CheckpointConfig:
     async_save: bool = False  # write in the background (dcp.async_save); training blocks only to stage to CPU
     keep_last_k: int = 3  # complete checkpoints to keep (the newest); 0 = keep all
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir, if any) | never | path of a checkpoint
+    checksums: bool = True  # record a CRC-32 of every file when saving and check it when loading
 
 
 @dataclass

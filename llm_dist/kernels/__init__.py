@@ -4,7 +4,8 @@ fused RMSNorm. See docs/kernels.md for the design.
 The entry points here check first whether the kernels can run on the given tensors (Triton installed,
 and a CUDA device or Triton's interpreter); when they cannot, they warn once and compute the plain
 PyTorch reference instead (`reference.py`). The Triton modules are imported lazily, so this package
-imports on machines without Triton.
+imports on machines without Triton. `autotune_mode()` parses LLM_DIST_AUTOTUNE (curated | reduced | full;
+see autotune.py) and raises a one-line ValueError on anything else: callers may check it at start-up.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import math
 
 import torch
 
+from llm_dist.kernels.autotune import autotune_mode
 from llm_dist.kernels.backend import interpreted, triton_installed, unsupported_reason, warn_once
 from llm_dist.kernels.linear_cross_entropy import auto_chunk_size, linear_cross_entropy_chunked
 from llm_dist.kernels.reference import attention_reference, cross_entropy_rows_reference, rms_norm_reference
 
 __all__ = [
-    "attention_reference", "auto_chunk_size", "cross_entropy_rows_reference", "flash_attention", "interpreted",
+    "attention_reference", "auto_chunk_size", "autotune_mode", "cross_entropy_rows_reference", "flash_attention",
+    "interpreted",
     "linear_cross_entropy", "rms_norm", "rms_norm_reference", "triton_installed", "unsupported_reason",
 ]
 

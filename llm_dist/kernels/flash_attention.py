@@ -24,17 +24,22 @@ tests read the natural-log LSE through `flash_attention_forward`.
 
 All arithmetic accumulates in fp32; bf16/fp16 inputs feed the tensor cores directly and P / dS are cast
 to the input dtype for their matmuls, as in the reference FlashAttention kernels. Block sizes, warps
-and pipeline stages are autotuned per (Tq, Tk, D, causal, window, dtype) for Ampere/Hopper; under the
-interpreter a single small configuration is used (the interpreter cannot benchmark).
+and pipeline stages are chosen per (kernel, D, causal, windowed, group, dtype, power-of-two buckets of
+Tq and Tk) from a few curated candidates and cached on disk per GPU model (`autotune.py`); the kernels
+do not specialise on the lengths, so a new length in a known bucket costs neither tuning nor a compile.
+Under the interpreter a single small configuration is used (the interpreter cannot benchmark).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from llm_dist.kernels.autotune import Config, Tuner, seq_bucket, tune_key
 
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # fixed when this module's kernels were decorated
@@ -42,7 +47,7 @@ HEAD_DIMS = (16, 32, 64, 128)  # powers of two: tl.arange needs them, and tl.dot
 LOG2E = 1.4426950408889634
 
 
-# ----------------------------------------------------------------------------------- autotune configs
+# ----------------------------------------------------------------------------------- launch configs
 
 def _smem_limit() -> int:
     """Shared memory per block (opt-in) of the current GPU, bytes; 99 KiB when unknown (consumer Ampere)."""
@@ -52,45 +57,91 @@ def _smem_limit() -> int:
     return 101376
 
 
-def _configs(blocks: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[triton.Config]:
-    if INTERPRETED:  # one small config: several blocks per sequence even at test shapes, no benchmarking
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in blocks for w in warps for s in stages]
+def _arch() -> str:
+    """'sm90' on Hopper and newer, else 'sm80' (Ampere; also the guess for anything older or unknown)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        return "sm90"
+    return "sm80"
 
 
-def _prune(tiles_in_smem: int):  # noqa: ANN202 - returns an autotuner prune hook
+def _grid(blocks: list[tuple[int, int]], warps: tuple[int, ...], stages: tuple[int, ...]) -> list[Config]:
+    return [Config(m, n, w, s) for m, n in blocks for w in warps for s in stages]
+
+
+_INTERPRETER_CONFIG = Config(32, 16, 4, 1)  # several blocks per sequence even at test shapes
+_SAFE_CONFIG = Config(64, 32, 4, 2)  # fits any card's shared memory: what is left when pruning drops everything
+
+# `full`: the whole search space (the original autotune lists, ~30 per kernel before pruning).
+# dK/dV programs own BLOCK_N keys and stream BLOCK_M queries (small M, large N); dQ the opposite.
+_FULL = {
+    "fwd": _grid([(64, 64), (128, 64), (128, 128), (64, 128), (128, 32)], (4, 8), (2, 3, 4)),
+    "dkdv": _grid([(32, 64), (32, 128), (64, 64), (64, 128), (16, 128)], (4, 8), (2, 3, 4)),
+    "dq": _grid([(64, 32), (128, 32), (64, 64), (128, 64), (128, 16)], (4, 8), (2, 3, 4)),
+}
+# `curated`: three per (arch, kernel, head dim <= 64 or 128), the likely best first (`reduced` takes it alone).
+# Chosen from the shapes FlashAttention-2 / Triton's fused-attention tutorial settle on for these cards, not
+# measured here: a GPU session should confirm them with LLM_DIST_AUTOTUNE=full (docs/kernels.md).
+_C = Config
+_CURATED = {
+    ("sm90", "fwd", 128): [_C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(64, 64, 4, 3)],
+    ("sm90", "fwd", 64): [_C(128, 64, 4, 3), _C(128, 128, 8, 3), _C(64, 64, 4, 4)],
+    ("sm80", "fwd", 128): [_C(128, 64, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 4, 2)],
+    ("sm80", "fwd", 64): [_C(128, 64, 4, 3), _C(64, 64, 4, 3), _C(128, 128, 8, 2)],
+    ("sm90", "dkdv", 128): [_C(32, 128, 8, 3), _C(64, 128, 8, 3), _C(32, 64, 4, 3)],
+    ("sm90", "dkdv", 64): [_C(32, 128, 4, 3), _C(64, 128, 8, 3), _C(32, 64, 4, 3)],
+    ("sm80", "dkdv", 128): [_C(32, 128, 8, 2), _C(32, 64, 4, 3), _C(64, 64, 4, 2)],
+    ("sm80", "dkdv", 64): [_C(32, 128, 4, 3), _C(64, 64, 4, 3), _C(32, 64, 4, 2)],
+    ("sm90", "dq", 128): [_C(128, 32, 8, 3), _C(128, 64, 8, 3), _C(64, 32, 4, 3)],
+    ("sm90", "dq", 64): [_C(128, 32, 4, 3), _C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+    ("sm80", "dq", 128): [_C(128, 32, 8, 2), _C(64, 32, 4, 3), _C(64, 64, 4, 2)],
+    ("sm80", "dq", 64): [_C(128, 32, 4, 3), _C(64, 64, 4, 3), _C(64, 32, 4, 2)],
+}
+
+
+def _prune(configs: list[Config], head_dim: int, n_q: int, elem_bytes: int = 2, tiles_in_smem: int = 2
+           ) -> list[Config]:
     """Drop configs whose pipelined tiles overflow shared memory, or that are too big for a short sequence.
 
-    Per stage a kernel buffers `tiles_in_smem` streamed tiles of (BLOCK x D) in 2-byte elements, plus the
-    resident block; the estimate is conservative enough to keep only compilable configs on A100 / H100.
+    Per stage a kernel buffers `tiles_in_smem` streamed tiles of (BLOCK x D) elements of `elem_bytes`, plus
+    the resident block; the estimate is conservative enough to keep only compilable configs on A100 / H100.
+    `n_q` is the bucketed query length, so every length of a bucket sees the same candidates.
     """
-
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if INTERPRETED:
-            return configs
-        D = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        n_q = kwargs.get("N_Q", named_args.get("N_Q"))
-        limit = _smem_limit()
-        keep = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            smem = 2 * D * (max(bm, bn) + c.num_stages * tiles_in_smem * min(bm, bn) + bm)
-            if smem > limit or (n_q is not None and bm > max(64, triton.next_power_of_2(n_q))):
-                continue
-            if D >= 128 and bm * bn >= 128 * 128 and c.num_warps < 8:  # too few warps for the accumulators
-                continue
-            keep.append(c)
-        return keep or configs[:1]
-
-    return prune
+    limit = _smem_limit()
+    keep = []
+    for c in configs:
+        bm, bn = c.block_m, c.block_n
+        smem = elem_bytes * head_dim * (max(bm, bn) + c.num_stages * tiles_in_smem * min(bm, bn) + bm)
+        if smem > limit or bm > max(64, n_q):
+            continue
+        if head_dim >= 128 and bm * bn >= 128 * 128 and c.num_warps < 8:  # too few warps for the accumulators
+            continue
+        keep.append(c)
+    return keep or [_SAFE_CONFIG]
 
 
-_FWD_CONFIGS = _configs([(64, 64), (128, 64), (128, 128), (64, 128), (128, 32)], (4, 8), (2, 3, 4))
-# Backward: dK/dV programs own BLOCK_N keys and stream BLOCK_M queries (small M, large N); dQ the opposite.
-_DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (64, 128), (16, 128)], (4, 8), (2, 3, 4))
-_DQ_CONFIGS = _configs([(64, 32), (128, 32), (64, 64), (128, 64), (128, 16)], (4, 8), (2, 3, 4))
-_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "WINDOWED", "GROUP"]
+def candidates(kernel: str, head_dim: int, n_q: int, mode: str, elem_bytes: int = 2) -> list[Config]:
+    """The configurations `mode` tries for `kernel` ("fwd", "dkdv", "dq"), pruned for (head_dim, bucket of n_q,
+    element size); best guess first. `reduced` runs the first of them that compiles, without timing."""
+    if INTERPRETED:  # the interpreter cannot time anything: one small config
+        return [_INTERPRETER_CONFIG]
+    if mode == "full":
+        configs = _FULL[kernel]
+    else:
+        configs = _CURATED[(_arch(), kernel, 128 if head_dim >= 128 else 64)]
+    return _prune(configs, head_dim, seq_bucket(n_q), elem_bytes)
+
+
+_TUNERS = {name: Tuner(name) for name in ("fwd", "dkdv", "dq")}
+_NO_SPECIALIZE = ["N_Q", "N_K", "WINDOW"]  # one binary for every length (the tune key buckets them)
+
+
+def _tuned_launch(name: str, q: torch.Tensor, k: torch.Tensor, causal: bool, window: int,
+                  launch: Callable[[Config], None]) -> Config:
+    """Launch kernel `name` with the configuration chosen for this shape's bucket (see autotune.py)."""
+    B, H, Tq, D = q.shape
+    key = tune_key(name, Tq, k.shape[2], D, causal, window > 0, H // k.shape[1], q.dtype)
+    device_name = torch.cuda.get_device_name(q.device) if q.is_cuda and not INTERPRETED else None
+    return _TUNERS[name].run(key, lambda mode: candidates(name, D, Tq, mode, q.element_size()), launch, device_name)
 
 
 # ------------------------------------------------------------------------------------------ ranges
@@ -188,8 +239,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, of
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune(2)})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
               stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
@@ -278,8 +328,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune(2)})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, sm_scale, qk_scale,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
@@ -343,8 +392,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, q_pos
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune(2)})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, sm_scale, qk_scale,
                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                  stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
@@ -414,11 +462,16 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, wi
     Hkv, Tk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](q, k, v, o, lse, sm_scale * LOG2E,
-                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                    H, Tq, Tk, window, H // Hkv,
-                    HEAD_DIM=D, CAUSAL=causal, WINDOWED=window > 0)
+
+    def launch(c: Config) -> None:
+        _attn_fwd[(triton.cdiv(Tq, c.block_m), B * H)](
+            q, k, v, o, lse, sm_scale * LOG2E,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            H, Tq, Tk, window, H // Hkv,
+            HEAD_DIM=D, CAUSAL=causal, WINDOWED=window > 0, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _tuned_launch("fwd", q, k, causal, window, launch)
     return o, lse
 
 
@@ -435,14 +488,23 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     common = dict(HEAD_DIM=D, CAUSAL=causal, WINDOWED=window > 0)
-    grid_kv = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E,
-                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                            *dk.stride()[:3], *dv.stride()[:3], H, Tq, Tk, window, H // Hkv, **common)
-    grid_q = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, sm_scale, sm_scale * LOG2E,
-                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                         *dq.stride()[:3], H, Tq, Tk, window, H // Hkv, **common)
+
+    def launch_dkdv(c: Config) -> None:
+        _attn_bwd_dkdv[(triton.cdiv(Tk, c.block_n), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, sm_scale, sm_scale * LOG2E,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], H, Tq, Tk, window, H // Hkv, **common,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def launch_dq(c: Config) -> None:
+        _attn_bwd_dq[(triton.cdiv(Tq, c.block_m), B * H)](
+            q, k, v, do, lse, delta, dq, sm_scale, sm_scale * LOG2E,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3], H, Tq, Tk, window, H // Hkv, **common,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    _tuned_launch("dkdv", q, k, causal, window, launch_dkdv)
+    _tuned_launch("dq", q, k, causal, window, launch_dq)
     return dq, dk, dv
 
 

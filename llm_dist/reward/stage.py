@@ -60,7 +60,8 @@ def main(cfg: Config) -> int:
         D.print0(f"{rt.world_size} rank(s) on {rt.device}, strategy {pm.strategy}; {model_summary(pm.model)}")
         loss = RewardLoss(r.loss, r.center_coef)
         trainer = Trainer(cfg, rt, pm, loss_fn=loss, amp_dtype=amp_dtype)
-        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]), init_url)
+        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]), init_url,
+                                   tokenizer=tok)
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)

@@ -142,7 +142,7 @@ def run_rl(cfg: Config, algo: str) -> int:
         trainer = RLTrainer(cfg, rt, pm, loss_fn=loss, amp_dtype=amp_dtype)
         trainer.source = source
         ckpt, resumed = open_checkpoints(cfg, trainer, out_dir, lambda ts: source.load_state_dict(ts["rollout"]),
-                                         init_url)
+                                         init_url, tokenizer=tok)
         D.print0(f"{algo}: task {task.name} (level {r.task_level}), {source.P} prompts x G={source.G} per rollout, "
                  f"rewards from {r.reward_model or 'the task'}; {what}")
         write_run_config(cfg, out_dir)

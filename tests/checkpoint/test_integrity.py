@@ -1,0 +1,223 @@
+"""Checkpoint integrity: block CRCs recorded at save and checked at load, NaN/Inf refused, pruning that never
+deletes what it did not write and verify, failed writes (a full disk) that remove the partial and say so."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import traceback
+import zlib
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from llm_dist.checkpoint import CheckpointManager, find_latest, list_checkpoints, load_checkpoint, verify
+from llm_dist.checkpoint import integrity, manager, sharded
+from llm_dist.checkpoint.manager import CheckpointWriteError, load_checkpoint_weights
+from llm_dist.checkpoint.sharded import CheckpointReadError
+from llm_dist.config import ModelConfig
+from llm_dist.model.transformer import build_model
+from llm_dist.tokenizer import ByteTokenizer
+
+
+def _model_opt(seed: int):
+    model = build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=16), "cpu", seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def _save(mgr: CheckpointManager, step: int, model, opt) -> str:
+    return mgr.save(step, sharded.model_optim_state(model, opt), {"trainer": {"step": step}}, "out_dir: x\n",
+                    ByteTokenizer(), "byte")
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Same size, different bytes: what the size check alone let through."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    assert path.stat().st_size == size
+
+
+# -- the checksums themselves ----------------------------------------------------------------------------
+
+
+def test_block_crcs_match_zlib_and_parallel_equals_serial(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    fs = fsspec.filesystem("file")
+    got = integrity.file_checksums(fs, {"f": str(tmp_path / "f")}, block_bytes=3000, workers=4)["f"]
+    want = [f"{zlib.crc32(data[i:i + 3000]) & 0xFFFFFFFF:08x}" for i in range(0, 10_000, 3000)]
+    assert got == want == integrity.crc_bytes(data, 3000) and len(got) == 4
+    (tmp_path / "empty").write_bytes(b"")
+    assert integrity.file_checksums(fs, {"e": str(tmp_path / "empty")})["e"] == integrity.crc_bytes(b"")
+
+
+def test_every_file_of_a_checkpoint_has_its_checksums(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    url = _save(CheckpointManager(str(tmp_path)), 3, model, opt)
+    meta = json.loads((Path(url) / "meta.json").read_text())
+    assert set(meta["checksums"]["files"]) == set(meta["files"])  # shards, metadata, RNG, JSON, YAML
+    assert not (Path(url) / integrity.SUMS_DIR).exists()  # per-rank sums folded into meta.json
+    fs = fsspec.filesystem("file")
+    for rel, crcs in meta["checksums"]["files"].items():  # what was recorded is what is on disk
+        assert integrity.file_checksums(fs, {rel: str(Path(url) / rel)})[rel] == crcs
+    assert verify(url, checksums=True) is None
+
+
+def test_same_size_overwrite_is_caught_and_named(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    url = _save(CheckpointManager(str(tmp_path)), 3, model, opt)
+    shard = next((Path(url) / "dcp").glob("*.distcp"))
+    _overwrite(shard, 1000, b"\xff" * 4096)
+    assert verify(url) is None  # sizes alone: passes (the old hole)
+    problem = verify(url, checksums=True)
+    assert problem is not None and f"dcp/{shard.name}: checksum mismatch in bytes 0-" in problem
+    model2, opt2 = _model_opt(1)
+    with pytest.raises(CheckpointReadError, match="checksum mismatch"):
+        load_checkpoint(url, model2, opt2)
+    with pytest.raises(CheckpointReadError, match="checksum mismatch"):
+        load_checkpoint_weights(build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2,
+                                                        block_size=16), "cpu"), url)
+
+
+def test_checksums_off_writes_none_and_old_checkpoints_still_load(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    url = _save(CheckpointManager(str(tmp_path), checksums=False), 3, model, opt)
+    meta = json.loads((Path(url) / "meta.json").read_text())
+    assert "checksums" not in meta and verify(url, checksums=True) is None  # nothing recorded, sizes checked
+    model2, opt2 = _model_opt(1)
+    load_checkpoint(url, model2, opt2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_non_finite_state_is_refused_by_name(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    with torch.no_grad():
+        model.blocks[1].mlp.up.weight[0, 0] = float("nan")
+    url = _save(CheckpointManager(str(tmp_path)), 3, model, opt)  # checksums valid: the values are the problem
+    model2, opt2 = _model_opt(1)
+    with pytest.raises(CheckpointReadError, match=r"blocks\.1\.mlp\.up\.weight holds NaN/Inf"):
+        load_checkpoint(url, model2, opt2)
+    with pytest.raises(CheckpointReadError, match="NaN/Inf"):
+        load_checkpoint_weights(build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2,
+                                                        block_size=16), "cpu"), url)
+
+
+def test_nonfinite_tensor_walks_nested_state() -> None:
+    assert manager.nonfinite_tensor({"a": {"b": [torch.ones(2), torch.tensor([1.0, float("inf")])]}}) == "a.b.1"
+    assert manager.nonfinite_tensor({"a": torch.tensor([1, 2]), "b": torch.zeros(3)}) is None  # ints are fine
+
+
+# -- pruning ---------------------------------------------------------------------------------------------
+
+
+def test_prune_never_counts_or_deletes_what_it_did_not_write(tmp_path: Path) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path), keep_last_k=2)
+    s1 = _save(mgr, 1, model, opt)
+    stray = tmp_path / "step_00000099"  # a stray directory holding only a marker, newer than everything
+    stray.mkdir()
+    (stray / "COMPLETE").write_text("99\n")
+    user = tmp_path / "step_abc"  # a user's directory
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "step_00000000.tmp").mkdir()  # this format's partial write, older than the next save
+    (tmp_path / "README").write_text("not a checkpoint")
+    s2 = _save(mgr, 2, model, opt)
+    s3 = _save(mgr, 3, model, opt)
+    complete, _ = list_checkpoints(str(tmp_path))
+    names = {Path(u).name for u in complete}
+    # keep_last_k=2 counts only verified checkpoints: step 1 goes, 2 and 3 stay; the stray counted for nothing
+    assert names == {"step_00000002", "step_00000003", "step_00000099"}
+    assert not Path(s1).exists() and Path(s2).exists() and Path(s3).exists()
+    assert (stray / "COMPLETE").exists() and (user / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "README").exists() and not (tmp_path / "step_00000000.tmp").exists()
+    assert find_latest(str(tmp_path), report=False) == s3  # the stray does not verify: never loaded
+
+
+def test_no_prune_when_the_new_checkpoint_does_not_verify(tmp_path: Path, monkeypatch) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path), keep_last_k=1)
+    s1 = _save(mgr, 1, model, opt)
+    real_verify = manager.verify
+    monkeypatch.setattr(manager, "verify", lambda url, checksums=False: (
+        "checkpoint step_2: damaged" if url.endswith("step_00000002") else real_verify(url, checksums)))
+    _save(mgr, 2, model, opt)
+    assert Path(s1).exists() and real_verify(s1) is None  # the good one survives a bad new one
+
+
+# -- failed writes ---------------------------------------------------------------------------------------
+
+
+def test_full_disk_in_a_small_file_removes_the_partial(tmp_path: Path, monkeypatch) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path))
+    s1 = _save(mgr, 1, model, opt)
+    before = _tree_bytes(tmp_path)
+    real = manager._write_bytes
+
+    def full(fs, path, data):  # noqa: ANN001
+        if path.endswith("train_state.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fs, path, data)
+
+    monkeypatch.setattr(manager, "_write_bytes", full)
+    with pytest.raises(CheckpointWriteError) as e:
+        _save(mgr, 2, model, opt)
+    assert str(e.value) == f"no space left on device writing {tmp_path}/step_00000002.tmp; step_00000001 is intact"
+    assert _tree_bytes(tmp_path) == before and verify(s1, checksums=True) is None
+
+
+def test_full_disk_inside_dcp_removes_the_partial(tmp_path: Path, monkeypatch) -> None:
+    """DCP wraps each rank's error in a CheckpointException (a BaseException); torch.save's zip writer reports
+    ENOSPC as 'unexpected pos', with the OSError underneath. Both must come out as one line."""
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path))
+    _save(mgr, 1, model, opt)
+    before = _tree_bytes(tmp_path)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def failing_save(state, path, **kwargs):  # noqa: ANN001, ANN003
+        Path(path).mkdir(parents=True)
+        (Path(path) / "__0_0.distcp").write_bytes(b"partial")
+        try:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+        except RuntimeError as inner:
+            # as DCP's _wrap_exception records it: (exception, traceback)
+            raise CheckpointException("write", {0: (inner, traceback.extract_tb(inner.__traceback__))}) from None
+
+    monkeypatch.setattr(sharded, "save", failing_save)
+    with pytest.raises(CheckpointWriteError, match=r"^no space left on device writing .*step_00000002\.tmp; "
+                                                    r"step_00000001 is intact$"):
+        _save(mgr, 2, model, opt)
+    assert _tree_bytes(tmp_path) == before
+
+
+def test_other_write_failures_are_one_line_too(tmp_path: Path, monkeypatch) -> None:
+    model, opt = _model_opt(0)
+    mgr = CheckpointManager(str(tmp_path))
+
+    def denied(state, path, **kwargs):  # noqa: ANN001, ANN003
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(sharded, "save", denied)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint write failed in .*step_00000001\.tmp "
+                                                    r"\(PermissionError: .*\); no earlier checkpoint exists"):
+        _save(mgr, 1, model, opt)
+    assert list(tmp_path.iterdir()) == []
