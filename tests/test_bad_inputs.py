@@ -115,6 +115,15 @@ def ids_past_vocab(d: Path) -> None:
     a.tofile(p)
 
 
+def edit_index(**fields: object) -> Callable[[Path], None]:
+    def damage(d: Path) -> None:
+        index = json.loads((d / "index.json").read_text())
+        index.update(fields)
+        (d / "index.json").write_text(json.dumps(index))
+
+    return damage
+
+
 SFT_ROW = '{"prompt": "1+1=", "response": "2"}\n'
 PAIR_ROW = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
 NOT_UTF8 = b'{"prompt": "caf\xe9", "response": "x"}\n'
@@ -164,6 +173,11 @@ CASES: list[Case] = [
          "too little text", write("tiny.txt", "hello world!")),
     Case("val-ids-past-vocab", ["launch/pretrain.py", *TINY, "data.dir={tmp}/data"],
          "{tmp}/data/val_000000.bin: token id 9999", copy_data(ids_past_vocab)),
+    Case("index-splits-garbage", ["launch/pretrain.py", *TINY, "data.dir={tmp}/data", "data.source={tmp}/no.txt"],
+         "{tmp}/data/index.json: malformed index", copy_data(edit_index(splits=3))),
+    Case("index-shard-path-escape", ["launch/evaluate.py", "--checkpoint", "{run}", "--data-dir", "{tmp}/data"],
+         "'../src.txt', not a shard file name",
+         copy_data(edit_index(splits={"val": {"tokens": 5, "shards": [{"file": "../src.txt", "tokens": 5}]}}))),
     Case("block-size-over-data", ["launch/pretrain.py", *TINY, "model.block_size=100000"], "fewer than seq_len + 1"),
     Case("mc-data-missing", ["launch/pretrain.py", *TINY, "eval.mc_data={tmp}/mc.jsonl"], "{tmp}/mc.jsonl"),
     # ---- config files ------------------------------------------------------------------------------
