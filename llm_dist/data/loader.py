@@ -120,10 +120,11 @@ class TokenStream:
         if self.vocab_size is None or all(self._checked) or not win.size or int(win.max()) < self.vocab_size:
             return
         row = int(np.argmax((win >= self.vocab_size).any(axis=1)))
-        start = int(starts[row]) + int(np.argmax(win[row] >= self.vocab_size))
+        col = int(np.argmax(win[row] >= self.vocab_size))
+        start = int(starts[row]) + col
         j = int(np.searchsorted(self.bounds, start, side="right")) - 1
         raise DataIndexError(
-            f"{self.files[j]}: token id {int(win.max())} at position {start - self._bounds[j]} is outside the "
+            f"{self.files[j]}: token id {int(win[row, col])} at position {start - self._bounds[j]} is outside the "
             f"vocabulary of {self.vocab_size} ids recorded in {INDEX_NAME} (damaged shard?); re-prepare the directory")
 
     def fingerprint(self, tokenizer_fingerprint: str | None, probes: int = 64, width: int = 16) -> str:
