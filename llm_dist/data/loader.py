@@ -54,6 +54,7 @@ class TokenStream:
         self._sliding_views: dict[tuple[int, int], np.ndarray] = {}
         self.vocab_size: int | None = None  # set by check_ids
         self._checked = [False] * len(self.files)  # shard j's ids were all scanned at start-up
+        self._all_checked = False  # every shard was: no per-batch check needed
 
     def __len__(self) -> int:
         return self._bounds[-1]
@@ -98,6 +99,7 @@ class TokenStream:
         self.vocab_size = int(vocab_size)
         if self.dtype.kind == "u" and np.iinfo(self.dtype).max < vocab_size:
             self._checked = [True] * len(self.files)  # no stored value can be out of range
+            self._all_checked = True
             return
         budget = SCAN_IDS_MAX_TOKENS if max_scan_tokens is None else max_scan_tokens
         for j, n in enumerate(self.counts):
@@ -114,10 +116,11 @@ class TokenStream:
                         f"{vocab_size} ids recorded in {INDEX_NAME} (damaged shard, or one from another dataset?); "
                         "re-prepare the directory")
             self._checked[j] = True
+        self._all_checked = all(self._checked)
 
     def check_window_ids(self, win: np.ndarray, starts: np.ndarray) -> None:
         """Cheap per-batch guard for shards too large for the start-up scan: one max() over the batch."""
-        if self.vocab_size is None or all(self._checked) or not win.size or int(win.max()) < self.vocab_size:
+        if self._all_checked or self.vocab_size is None or not win.size or int(win.max()) < self.vocab_size:
             return
         row = int(np.argmax((win >= self.vocab_size).any(axis=1)))
         col = int(np.argmax(win[row] >= self.vocab_size))
