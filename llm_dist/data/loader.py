@@ -93,7 +93,7 @@ class TokenStream:
         would otherwise fail as an IndexError deep inside the embedding, mid-training).
 
         Each shard is scanned once, in chunks of the mapping (no copy of the whole file), while the split's
-        scanned total stays within `max_scan_tokens` (~0.1 s per 100M tokens); beyond that the remaining
+        scanned total stays within `max_scan_tokens` (under 0.1 s per 100M cached tokens); beyond that the remaining
         shards are checked batch by batch as they are read (`check_window_ids`).
         """
         self.vocab_size = int(vocab_size)
