@@ -77,7 +77,7 @@ def finite_float(lo: float | None = None, hi: float | None = None, lo_open: bool
     """An argparse type: a finite float in the interval [lo, hi] (`lo_open`/`hi_open` exclude the ends)."""
     left = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
     right = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
-    what = "finite number" + (f" {left}" if left else "") + (" and" if left and right else "") + (f" {right}" if right else "")
+    what = " ".join(w for w in ("finite number", left, "and" if left and right else "", right) if w)
 
     def parse(text: str) -> float:
         v = float(text)
