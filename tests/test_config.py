@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_dist.config import Config, ConfigError, load_config, parse_args
+from llm_dist.config import Config, ConfigError, apply_dict, load_config, parse_args
 from tests.helpers import REPO, run_launcher
 
 
@@ -108,3 +108,34 @@ def test_resume_model_check_reads_old_configs_onto_defaults() -> None:
     cfg.model.moe.num_experts = 4
     with pytest.raises(ConfigError, match=r"moe: .*'num_experts': 0.* -> .*'num_experts': 4"):
         check_model_matches(cfg, saved, "ck")
+
+
+def test_every_float_key_refuses_nan_and_inf() -> None:
+    """The float coercion refuses non-finite values for every key (loading.NONFINITE_OK lists exceptions)."""
+    import dataclasses
+    import typing
+
+    from llm_dist.config.loading import NONFINITE_OK
+
+    def floats(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from floats(hints[f.name], f"{prefix}{f.name}.")
+            elif hints[f.name] is float:
+                yield prefix + f.name
+
+    keys = [k for k in floats(Config) if k not in NONFINITE_OK]
+    assert len(keys) >= 30
+    for key in keys:
+        for bad in ("nan", "inf", "-inf", "NaN", "1e999"):
+            with pytest.raises(ConfigError, match=f"^{key}: expected a finite number"):
+                load_config(None, [f"{key}={bad}"])
+        nested: dict = {}
+        node = nested
+        *sections, leaf = key.split(".")
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[leaf] = float("inf")  # as YAML's .inf arrives
+        with pytest.raises(ConfigError, match=f"^{key}: expected a finite number"):
+            apply_dict(Config(), nested)
