@@ -139,3 +139,14 @@ def test_every_float_key_refuses_nan_and_inf() -> None:
         node[leaf] = float("inf")  # as YAML's .inf arrives
         with pytest.raises(ConfigError, match=f"^{key}: expected a finite number"):
             apply_dict(Config(), nested)
+
+
+def test_yaml_duplicate_keys_refused_but_merge_keys_still_work(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("optim: {lr: 1.0e-3, lr: 2.0e-3}\n")
+    with pytest.raises(ConfigError, match=f"config file {dup} line 1: .*duplicate key 'lr'"):
+        load_config(str(dup))
+    from llm_dist.config.loading import safe_load_unique
+
+    # `<<: *anchor` merge keys may be overridden by explicit ones: not duplicates
+    assert safe_load_unique("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n") == {"a": {"b": 1, "c": 2}, "d": {"b": 3, "c": 2}}
