@@ -341,7 +341,7 @@ def world(tmp_path_factory) -> World:
     train_bpe([text], 300, num_proc=1, progress=False).to_tokenizer("tok").save(root / "tok.json")
     (root / "good.yaml").write_text("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 1\n")
     w = World(root)
-    argv = [w.fmt(a, root) for a in TINY] + ["checkpoint.interval=1"]
+    argv = [w.fmt(a, root) for a in TINY] + ["checkpoint.interval=1", "parallel.device=cpu"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         rc = run(pretrain_main, argv)
     assert rc == 0, err.getvalue()
