@@ -437,8 +437,8 @@ def use_or_prepare(
                                 "rebuilt") from None
         raise DataPrepError(f"{source_key} {e}; {dir_key} {out_dir} holds no prepared data (no {INDEX_NAME}) to "
                             "train on instead") from None
-    return prepare_dataset(  # a damaged directory is rebuilt (prepare_dataset logs why)
-out_dir, sources, tokenizer, val_fraction, log=log, **kwargs)
+    # No index, or a damaged one: (re)build it (prepare_dataset logs why it rebuilds).
+    return prepare_dataset(out_dir, sources, tokenizer, val_fraction, log=log, **kwargs)
 
 
 def _recipe_note(index: dict, sources: str | Sequence[str], val_fraction: float, input_format: str,
