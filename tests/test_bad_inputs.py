@@ -12,7 +12,8 @@ Speed. A subprocess costs 1.5-3 s of interpreter + torch import, so most cases r
 process: `runpy.run_path(script, run_name="__main__")` with sys.argv set executes the very `__main__` block a
 subprocess would (argument parsing, `llm_dist.cli.run`, the tool's error wrapper), with stdout/stderr
 captured and SystemExit read as the exit status. Cases marked `subprocess=True` (at least one per entry
-point) run as real processes, which also catches anything printed at import time or by the interpreter.
+point) run as real processes, which also catches anything printed at import time or by the interpreter, and
+Python warnings: in this process pytest collects those into its warnings summary instead of stderr.
 CUDA is hidden from both (CUDA_VISIBLE_DEVICES="" for a subprocess, torch.cuda.is_available patched to False
 in this process), so "device cuda without CUDA" cases mean the same on a GPU machine.
 
