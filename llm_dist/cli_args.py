@@ -92,6 +92,12 @@ def finite_float(lo: float | None = None, hi: float | None = None, lo_open: bool
     return _Checked(what, parse)
 
 
+def max_processes() -> int:
+    """The most worker processes a `--num-proc`-style setting may ask for: 4x this machine's CPUs (at least 8).
+    More is never faster, and a typo such as 100000 would fork that many processes."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
 def output_dir_problem(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be used as an output directory ("<path> ..."), or None if it can. Touches nothing.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llm_dist.cli_args import ArgumentParser, one_line_errors, output_dir_problem, positive_int  # noqa: E402
+from llm_dist.cli_args import ArgumentParser, max_processes, one_line_errors, output_dir_problem, positive_int  # noqa: E402
 from llm_dist.tokenizer import EOT, PATTERNS, TokenizerFileError, train_bpe  # noqa: E402
 from llm_dist.tokenizer.pretokenize import resolve_pattern  # noqa: E402
 
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the (maybe long) training: vocabulary, pattern, specials, --out."""
+    if args.num_proc is not None and args.num_proc > max_processes():
+        raise TokenizerInputError(f"--num-proc {args.num_proc}: expected at most {max_processes()} (4 x the "
+                                  f"{os.cpu_count()} CPUs here)")
     specials = list(dict.fromkeys([EOT, *(args.special or [])]))
     if any(not s for s in specials):
         raise TokenizerInputError("--special: expected a non-empty token string, got ''")

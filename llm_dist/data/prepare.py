@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from llm_dist.cli_args import output_dir_problem
+from llm_dist.cli_args import max_processes, output_dir_problem
 from llm_dist.data.index import (
     INDEX_NAME,
     DataIndexError,
@@ -295,8 +295,9 @@ def prepare_dataset(
         raise DataPrepError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise DataPrepError(f"shard_tokens must be positive, got {shard_tokens}")
-    if num_proc < 1:
-        raise DataPrepError(f"num_proc must be >= 1, got {num_proc}")
+    if not 1 <= num_proc <= max_processes():
+        raise DataPrepError(f"num_proc (--num-proc / data.num_proc) must be in [1, {max_processes()}] (4 x the "
+                            f"{os.cpu_count()} CPUs here), got {num_proc}")
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # before the (maybe slow) tokenizer load and before anything is written
     spec = tokenizer if isinstance(tokenizer, str) else None
