@@ -14,7 +14,7 @@ def test_defaults_validate_and_configs_load() -> None:
     Config().validate(1)
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(str(path))
-        cfg.validate(8 if cfg.train.batch_size >= 64 else 1)
+        cfg.validate(8 if cfg.train.batch_size >= 8 * cfg.train.micro_batch_size else 1)  # multi-GPU recipes at 8
 
 
 def test_precedence_default_preset_yaml_cli(tmp_path: Path) -> None:
@@ -150,3 +150,29 @@ def test_yaml_duplicate_keys_refused_but_merge_keys_still_work(tmp_path: Path) -
 
     # `<<: *anchor` merge keys may be overridden by explicit ones: not duplicates
     assert safe_load_unique("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n") == {"a": {"b": 1, "c": 2}, "d": {"b": 3, "c": 2}}
+
+
+def test_shakespeare_char_gpu_is_nanogpts_recipe() -> None:
+    """configs/shakespeare_char_gpu.yaml parses, validates and is nanoGPT's train_shakespeare_char.py."""
+    import torch
+
+    from llm_dist.model.transformer import Transformer
+    from llm_dist.train.optim import lr_at
+
+    cfg = load_config(str(REPO / "configs/shakespeare_char_gpu.yaml"))
+    cfg.model.vocab_size = 256  # what the byte tokenizer sets at start-up
+    cfg.validate(1)
+    m, o, t, e = cfg.model, cfg.optim, cfg.train, cfg.eval
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout, m.bias) == (6, 6, 384, 256, 0.2, False)
+    assert cfg.tokenizer.name == "byte" and cfg.data.source == "data/tinyshakespeare/input.txt"
+    assert (REPO / cfg.data.source).is_file()
+    assert (t.batch_size, t.micro_batch_size, t.max_steps, t.grad_clip, t.compile) == (64, 64, 5000, 1.0, True)
+    assert (o.beta1, o.beta2, o.weight_decay, o.warmup_steps, o.schedule) == (0.9, 0.99, 0.1, 100, "cosine")
+    assert (e.interval, e.steps) == (250, 200)
+    # nanoGPT's schedule: linear warm-up to 1e-3 at iteration 100, cosine to min_lr 1e-4 at 5,000.
+    assert lr_at(100, o, t.max_steps) == pytest.approx(1e-3)
+    assert lr_at(5000, o, t.max_steps) == pytest.approx(1e-4)
+    # nanoGPT prints 10.65M (65-character vocabulary, position table excluded); 191 more byte rows x 384.
+    with torch.device("meta"):
+        model = Transformer(m)
+    assert model.num_params() - model.pos_emb.weight.numel() == pytest.approx(10.65e6 + 191 * 384, rel=1e-3)

@@ -12,10 +12,11 @@ wrong), not a signature against an attacker who can rewrite `meta.json` too: tha
 loading (no unpickling) is for.
 
 Where the work happens, so it costs little:
-- save: each rank hashes the shard files it has just written (still in the page cache), inside DCP's
-  `write_data` (`DigestingWriterMixin`), so it runs in the background thread for async saves and on every
-  rank in parallel; the per-rank results travel as `sums/rank_<r>.json` and rank 0 folds them into
-  `meta.json` when it finalises the checkpoint.
+- save: each rank hashes the shard files it writes inside DCP's `write_data` (`DigestingWriterMixin`), on
+  a local filesystem *while* DCP writes them (`FollowingChecksums` follows the growing files from the page
+  cache), so it adds little to the write, runs in the background thread for async saves and on every rank
+  in parallel; the per-rank results travel as `sums/rank_<r>.json` and rank 0 folds them into `meta.json`
+  when it finalises the checkpoint.
 - load: `verify_checksums` runs in a background thread while DCP reads the same files (`run_verified`), and
   the caller decides after both finish; on several ranks each rank checks its share of the files.
 """
@@ -25,11 +26,13 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 ALGORITHM = "crc32"
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -120,13 +123,19 @@ def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[s
     files); raise ChecksumMismatch after the load if they do not match. The two overlap: DCP's reading and
     deserialising keeps one core busy, the hashing another, and the files are read once from disk (the
     second reader finds them in the page cache). A load that fails on a file whose checksum also fails is
-    reported as the checksum mismatch (the cause), except for the error types in `keep`."""
+    reported as the checksum mismatch (the cause), except for the error types in `keep`, which are raised as
+    they are (with the mismatch appended when there is one)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         check: Future = pool.submit(verify_checksums, url, meta, rels)
         try:
             result = action()
-        except keep:
-            raise  # errors that matter more than damage (a refused, crafted file) are never renamed
+        except keep as e:
+            # Errors that matter more than damage (refused, possibly crafted metadata) keep their type and
+            # stop the run; the checksum verdict is added, so bit rot is told from a resealed forgery.
+            problem = check.result()
+            if problem is not None:
+                raise type(e)(f"{e}; {problem}") from None
+            raise
         except Exception:
             problem = check.result()
             if problem is not None:  # the load failed *because* a file changed: say that, not the parser's words
@@ -136,6 +145,89 @@ def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[s
     if problem is not None:
         raise ChecksumMismatch(problem)
     return result
+
+
+class FollowingChecksums:
+    """Block CRCs of the files a writer is producing in a local directory, computed *while* it writes.
+
+    A thread follows every file whose name starts with `prefix`, hashing bytes as soon as the file has grown
+    past them (from the page cache: the writer has just put them there), so hashing overlaps the writer's
+    serialisation and I/O instead of adding a second pass after it. This relies on the writer appending
+    only: DCP's FileSystemWriter writes each file front to back (torch.save's zip writer puts each
+    record's CRC in its local header before the data, and the central directory last), never seeking back.
+    `finish()` hashes whatever is left once the writer has closed its files; the recorded values are then
+    exactly those of the finished files (the tests recompute them from disk).
+    """
+
+    _STEP = 8 << 20  # bytes read per pread: bounded memory, fine-grained progress
+
+    def __init__(self, directory: str, prefix: str, block_bytes: int = BLOCK_BYTES, poll_s: float = 0.02) -> None:
+        self.dir, self.prefix, self.block, self.poll_s = directory, prefix, block_bytes, poll_s
+        self._files: dict[str, tuple[int, int, list[str], int]] = {}  # name -> (fd, offset, crcs, running crc)
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="llm_dist-checksums", daemon=True)
+
+    def start(self) -> "FollowingChecksums":
+        self._thread.start()
+        return self
+
+    def _advance(self, name: str, final: bool) -> bool:
+        """Hash what `name` has gained since last time; True if anything was hashed."""
+        path = os.path.join(self.dir, name)
+        if name not in self._files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            self._files[name] = (fd, 0, [], 0)
+        fd, offset, crcs, crc = self._files[name]
+        size = os.fstat(fd).st_size
+        progressed = False
+        while offset < size:
+            end_of_block = (offset // self.block + 1) * self.block
+            data = os.pread(fd, min(self._STEP, size - offset, end_of_block - offset), offset)
+            if not data:
+                break
+            crc = zlib.crc32(data, crc)
+            offset += len(data)
+            progressed = True
+            if offset == end_of_block:
+                crcs.append(f"{crc & 0xFFFFFFFF:08x}")
+                crc = 0
+        if final and (offset % self.block or offset == 0):  # the last, partial block (or an empty file)
+            crcs.append(f"{crc & 0xFFFFFFFF:08x}")
+        self._files[name] = (fd, offset, crcs, crc)
+        return progressed
+
+    def _names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.dir) if n.startswith(self.prefix))
+        except FileNotFoundError:
+            return []
+
+    def _run(self) -> None:
+        try:
+            while not self._done.is_set():
+                if not any([self._advance(n, final=False) for n in self._names()]):
+                    self._done.wait(self.poll_s)
+        except BaseException as e:  # noqa: BLE001 - reported by finish(), on the writer's thread
+            self._error = e
+
+    def finish(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Stop following (the writer has closed `names`), hash the rest, return {name: block crcs}."""
+        self._done.set()
+        self._thread.join()
+        try:
+            if self._error is not None:
+                raise self._error
+            for name in names:
+                self._advance(name, final=True)
+            return {name: self._files[name][2] for name in names}
+        finally:
+            for fd, *_ in self._files.values():
+                os.close(fd)
+            self._files.clear()
 
 
 class DigestingWriterMixin:
@@ -154,13 +246,26 @@ class DigestingWriterMixin:
     sums_rank: int = 0
 
     def write_data(self, plan: Any, planner: Any) -> Any:  # noqa: ANN401 - DCP's Future[list[WriteResult]]
-        fut = super().write_data(plan, planner)  # type: ignore[misc]
-        results = fut.wait()  # FileSystemWriter writes synchronously and returns a completed future
         fs, root = fsspec.core.url_to_fs(str(self.sums_root))
         root = root.rstrip("/")
+        shard_dir = posixpath.join(root, self.sums_prefix)
+        prefix = getattr(plan.storage_data, "prefix", None)  # this rank's file names: "__<rank>_<i>.distcp"
+        follower = None
+        if isinstance(fs, LocalFileSystem) and isinstance(prefix, str) and prefix:
+            follower = FollowingChecksums(shard_dir, prefix).start()  # hash while DCP writes
+        try:
+            fut = super().write_data(plan, planner)  # type: ignore[misc]
+            results = fut.wait()  # FileSystemWriter writes synchronously and returns a completed future
+        except BaseException:
+            if follower is not None:
+                follower.finish([])
+            raise
         names = sorted({r.storage_data.relative_path for r in results})
-        paths = {posixpath.join(self.sums_prefix, n): posixpath.join(root, self.sums_prefix, n) for n in names}
-        sums = {**file_checksums(fs, paths), **self.extra_sums}
+        if follower is not None:
+            followed = follower.finish(names)
+        else:  # a remote filesystem: read the files back once
+            followed = file_checksums(fs, {n: posixpath.join(shard_dir, n) for n in names})
+        sums = {**{posixpath.join(self.sums_prefix, n): c for n, c in followed.items()}, **self.extra_sums}
         fs.makedirs(posixpath.join(root, SUMS_DIR), exist_ok=True)
         with fs.open(posixpath.join(root, SUMS_DIR, f"rank_{self.sums_rank}.json"), "wb") as f:
             f.write(json.dumps(sums).encode())

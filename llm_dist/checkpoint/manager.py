@@ -2,12 +2,12 @@
 
 One checkpoint, `<out_dir>/checkpoints/step_00001000/`:
 
-    dcp/               model + optimizer, one shard file per rank + .metadata (loads on any world size)
+    dcp/               model + optimizer, one shard file per rank + .metadata.json (loads on any world size)
     train_state.json   trainer counters, grad-scaler state, data-loader position (global: any world size)
     rng/rank_<r>.pt    each rank's python/numpy/torch/CUDA RNG state
     config.yaml        the resolved run config
     tokenizer.json     which tokenizer the ids belong to (+ tokenizer.bpe.json for a trained one)
-    meta.json          step, world size, strategy, time, and every file with its size
+    meta.json          step, world size, strategy, time, every file with its size and block CRC-32s
     COMPLETE           written last: without it the directory is never loaded
 
 Writing goes to `step_N.tmp/`; when every file is there, the directory is renamed to `step_N/` and only

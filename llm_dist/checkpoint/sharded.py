@@ -1,15 +1,26 @@
-"""Model and optimizer state through `torch.distributed.checkpoint` (DCP), loaded without unpickling.
+"""Model and optimizer state through `torch.distributed.checkpoint` (DCP), with an index that is data, not code.
 
-DCP writes each rank's shards in parallel with a global `.metadata` index, and reads them back for *any*
-sharding: a checkpoint written by 2 FSDP ranks loads on 1 process, 3 ranks, or under DDP. State dicts come
-from `get_state_dict` / go through `set_state_dict`, so parameter names are the bare model's (no `module.`,
+DCP writes each rank's shards in parallel with a global index, and reads them back for *any* sharding: a
+checkpoint written by 2 FSDP ranks loads on 1 process, 3 ranks, or under DDP. State dicts come from
+`get_state_dict` / go through `set_state_dict`, so parameter names are the bare model's (no `module.`,
 `_orig_mod.` or activation-checkpoint prefixes) whatever wrappers are around it.
 
-Safety: stock DCP reads `.metadata` with `pickle.load` and non-tensor values (the optimizer's
-hyper-parameters) with `torch.load(weights_only=False)`. Here the metadata goes through an unpickler that
-only admits DCP's own metadata classes and plain containers, and values through `weights_only=True`, so a
-tampered checkpoint cannot run code on load. Storage goes through fsspec (local paths, `file://`, and any
-fsspec URL such as `s3://` when its filesystem package is installed).
+Safety: stock DCP pickles its index to `dcp/.metadata` and reads it with `pickle.load`, and reads non-tensor
+values (the optimizer's hyper-parameters) with `torch.load(weights_only=False)`; either runs whatever code a
+tampered checkpoint carries. Here:
+
+- `SafeWriter` writes the index as JSON, `dcp/.metadata.json` (`dcp_metadata.py`: every field typed, dtypes
+  by name from an allow-list), atomically like the stock writer; no pickle is written. A value the format
+  cannot represent makes the save fail instead of being dropped.
+- `SafeReader` reads `.metadata.json` when present and decodes it strictly (unknown keys, wrong types and
+  dtypes outside the allow-list are refused). A legacy checkpoint (only a pickled `.metadata`) goes through
+  a restricted unpickler that admits DCP's metadata classes, `torch.Size`, the allowed dtypes and checked
+  stand-ins for layout / enum lookups and nothing else, and its result is re-validated by the same decoder.
+- Values are read with `weights_only=True` (`SafeLoadPlanner`), tensors by DCP itself with `weights_only`.
+
+Refused metadata raises `UnsafeCheckpointError` (one line naming the file), which callers must not treat as
+"try an older checkpoint". Storage goes through fsspec (local paths, `file://`, and any fsspec URL such as
+`s3://` when its filesystem package is installed).
 """
 
 from __future__ import annotations
@@ -17,21 +28,27 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import pickle
+import os
 import posixpath
 import warnings
 from concurrent.futures import Future
+from io import UnsupportedOperation
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import filesystem as _dcp_filesystem
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.storage import WriteResult
 
+from llm_dist.checkpoint import dcp_metadata
+from llm_dist.checkpoint.dcp_metadata import MetadataRefused
 from llm_dist.checkpoint.integrity import DigestingWriterMixin
 
 try:  # torch >= 2.11 keeps them here; some releases also re-export them at the package level
@@ -39,40 +56,103 @@ try:  # torch >= 2.11 keeps them here; some releases also re-export them at the 
 except ImportError:  # pragma: no cover
     from torch.distributed.checkpoint import FsspecReader, FsspecWriter  # type: ignore[attr-defined]
 
-# Modules whose classes may appear in DCP's .metadata pickle (dataclasses describing tensors and files).
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                 "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
-_SAFE_BUILTINS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str",
-                                            "bytes", "bool", "complex", "slice", "getattr")}
-_SAFE_OTHER = {("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+METADATA_JSON = ".metadata.json"  # what SafeWriter writes (an ordinary file under dcp/)
+LEGACY_METADATA = ".metadata"  # stock DCP's pickle: only read, from checkpoints written before SafeWriter
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP metadata dataclasses, torch dtypes/layouts/Size and builtin containers; nothing else."""
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read; the message names it and the first failure, in one line."""
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_BUILTINS | _SAFE_OTHER:
-            return super().find_class(module, name)
-        if module == "torch" and (name.startswith(("float", "bfloat", "int", "uint", "bool", "complex"))
-                                  or name in ("strided", "sparse_coo", "contiguous_format", "preserve_format")):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+class UnsafeCheckpointError(CheckpointReadError):
+    """A checkpoint's metadata was refused (a pickle global, opcode or call outside DCP's own, a wrong type,
+    a dtype outside the allow-list, ...): it may have been crafted to run code. A hard stop, never a reason
+    to fall back to an older checkpoint."""
+
+
+class MetadataSaveError(RuntimeError):
+    """The state to save holds metadata the JSON format cannot represent exactly; nothing was written."""
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _metadata_name(rank: int | None, name: str) -> str:
+    """DCP's naming: `<name>` for the global index, `__<rank><name>` for a rank-local one (no collectives)."""
+    return name if rank is None else f"__{rank}{name}"
+
+
+class SafeWriter(FsspecWriter):
+    """FsspecWriter whose `finish` writes the index as JSON (`.metadata.json`) instead of pickling it.
+
+    Everything else the stock `finish` does is kept: the DCP version, `storage_data` gathered from every
+    rank's write results, `storage_meta`, a temporary file synced to disk and renamed into place (so a reader
+    never sees half an index), and the rank-local name when DCP runs without collectives.
+    """
+
+    def _get_metadata_path(self, rank: int | None = None) -> os.PathLike:
+        # Also what the stock `_metadata_exists` overwrite check looks for: our index, not a pickle.
+        return self.fs.concat_path(self.path, _metadata_name(rank, METADATA_JSON))  # type: ignore[return-value]
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        version = getattr(_dcp_filesystem, "CURRENT_DCP_VERSION", None)
+        if version is not None:
+            metadata.version = version
+        storage_md = {}
+        for wr_list in results:
+            storage_md.update({wr.index: wr.storage_data for wr in wr_list})
+        metadata.storage_data = storage_md
+        metadata.storage_meta = self.storage_meta()
+        try:  # encode before touching the directory: a refused value leaves no index at all
+            data = dcp_metadata.dumps_json(metadata)
+        except MetadataRefused as e:
+            raise MetadataSaveError(f"checkpoint {self.path}: refusing to save, the DCP metadata cannot be "
+                                           f"stored as data ({_one_line(e)})") from None
+        rank = getattr(self, "rank", None)
+        local = not getattr(self, "use_collectives", True) and rank is not None
+        final = self._get_metadata_path(rank if local else None)
+        tmp = self.fs.concat_path(self.path, _metadata_name(rank if local else None, METADATA_JSON) + ".tmp")
+        with self.fs.create_stream(tmp, "wb") as f:
+            f.write(data)
+            if getattr(self, "sync_files", True):
+                try:
+                    os.fsync(f.fileno())
+                except (AttributeError, UnsupportedOperation):
+                    os.sync()  # as the stock writer: a stream without a file descriptor
+        if self.fs.exists(final):
+            self.fs.rm_file(final)
+        self.fs.rename(tmp, final)
 
 
 class SafeReader(FsspecReader):
-    """FsspecReader whose metadata is read with the restricted unpickler."""
+    """FsspecReader that reads `.metadata.json` strictly, or a legacy `.metadata` through the strict unpickler.
 
-    def read_metadata(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - returns dcp Metadata
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
+    Raises `UnsafeCheckpointError` for refused metadata, `CheckpointReadError` when there is none.
+    """
 
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = self._decode(kwargs.get("rank"))
+        if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def _decode(self, rank: int | None) -> Metadata:
+        json_path = self.fs.concat_path(self.path, _metadata_name(rank, METADATA_JSON))
+        legacy_path = self.fs.concat_path(self.path, _metadata_name(rank, LEGACY_METADATA))
+        # The JSON index wins whenever it exists: a pickle next to it is never opened.
+        path, legacy = (json_path, False) if self.fs.exists(json_path) else (legacy_path, True)
+        if not self.fs.exists(path):
+            raise CheckpointReadError(f"checkpoint {self.path}: no DCP metadata ({METADATA_JSON}, or "
+                                      f"{LEGACY_METADATA} of an older checkpoint)")
+        with self.fs.create_stream(path, "rb") as f:
+            data = f.read()
+        try:
+            return dcp_metadata.unpickle_legacy(data) if legacy else dcp_metadata.loads_json(data)
+        except MetadataRefused as e:
+            raise UnsafeCheckpointError(f"checkpoint {os.fspath(path)}: {_one_line(e)} (refusing to load it)") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -113,8 +193,8 @@ def make_stager() -> Any | None:
                                         use_non_blocking_copy=cuda))
 
 
-class DigestingWriter(DigestingWriterMixin, FsspecWriter):
-    """FsspecWriter that also records the checksums of the shard files it writes (see integrity.py)."""
+class DigestingWriter(DigestingWriterMixin, SafeWriter):
+    """SafeWriter that also records the checksums of the shard files it writes (see integrity.py)."""
 
 
 def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | None = None,
@@ -128,7 +208,7 @@ def save(state: dict[str, Any], path: str, process_group: dist.ProcessGroup | No
     Async: the state is copied to CPU (by `stager` in the background, else before returning) and written by
     a background thread; `staged` completes when the copy is done, i.e. when the live tensors may change.
     """
-    writer = DigestingWriter(path) if sums_root is not None else FsspecWriter(path)
+    writer = DigestingWriter(path) if sums_root is not None else SafeWriter(path)
     if sums_root is not None:
         writer.sums_root, writer.sums_prefix = sums_root, posixpath.basename(path.rstrip("/"))
         writer.extra_sums, writer.sums_rank = dict(extra_sums or {}), dist.get_rank() if dist.is_initialized() else 0
@@ -172,30 +252,24 @@ def _quiet_dcp() -> Iterator[None]:
         root.removeFilter(_dcp_metadata_fallback_record)
 
 
-class CheckpointReadError(RuntimeError):
-    """A checkpoint could not be read; the message names it and the first failure, in one line."""
-
-
-class UnsafeCheckpointError(CheckpointReadError):
-    """A checkpoint file asks for something a data-only load never does (a refused pickle global): treated
-    as an attack, not as damage, so callers stop instead of falling back to an older checkpoint."""
-
-
 def load(state: dict[str, Any], path: str, partial: bool = False) -> None:
     """Fill `state` (a template with the right keys, shapes and shardings) in place from `path`.
 
-    DCP raises the same `CheckpointException` on every rank when any rank fails (it derives from
-    BaseException); it becomes one `CheckpointReadError` so callers can fall back consistently.
+    The metadata is decoded (and refused, with `UnsafeCheckpointError`) here, before DCP starts: inside
+    `dcp.load` a read failure is logged with a traceback and folded into a generic error. DCP raises the same
+    `CheckpointException` on every rank when any rank fails (it derives from BaseException); it becomes one
+    `CheckpointReadError` so callers can fall back consistently.
     """
+    reader = SafeReader(path)
+    reader.read_metadata()  # every rank reads the same file, so all raise alike and no collective is left waiting
     try:
         with _quiet_dcp():
-            dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner(allow_partial_load=partial))
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(allow_partial_load=partial))
     except CheckpointException as e:
         first = next(iter(e.failures.values()))[0]
+        if isinstance(first, UnsafeCheckpointError):
+            raise UnsafeCheckpointError(str(first)) from None
         detail = " ".join(str(first).split())[:300]
-        if isinstance(first, pickle.UnpicklingError) or "which is not allowed" in detail:  # a refused global
-            raise UnsafeCheckpointError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})"
-                                        ) from None
         raise CheckpointReadError(f"checkpoint {path}: cannot be read ({type(first).__name__}: {detail})") from None
 
 

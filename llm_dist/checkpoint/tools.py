@@ -3,7 +3,8 @@
 The library behind `tools/checkpoint.py`. Three formats:
 
 - ``dcp``: a run checkpoint directory (`step_N/`, see `manager.py`): sharded model + optimizer, any world
-  size. Read here only through the restricted metadata reader and the `weights_only` planner (`sharded.py`).
+  size. Read here only through the strict metadata reader (JSON index, or a legacy pickle through the
+  restricted unpickler) and the `weights_only` planner (`sharded.py`).
 - ``safetensors``: one unsharded file of the model weights (no optimizer), self-describing: its metadata
   holds the resolved run config (JSON), the tokenizer record, the source step and the weight ties.
 - ``pt``: a plain torch `state_dict` (`model.load_state_dict(torch.load(f, weights_only=True))` works);
@@ -25,7 +26,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import pickle
 import posixpath
 import tempfile
 from dataclasses import asdict, dataclass
@@ -111,17 +111,19 @@ def detect_format(path: str) -> str:
 
 
 def read_dcp_metadata(url: str) -> Any:
-    """The DCP `.metadata` of checkpoint `url`, through the restricted unpickler (never plain pickle)."""
-    md_path = _join(url, "dcp", ".metadata")
-    fs, p = _fs(md_path)
-    if not fs.exists(p):
-        raise CheckpointToolError(f"{md_path}: missing (expected DCP metadata written by the checkpoint manager)")
+    """The DCP index of checkpoint `url`: `.metadata.json` decoded strictly, or a legacy pickled `.metadata`
+    through the restricted unpickler (never plain pickle). Refused metadata raises `UnsafeCheckpointError`."""
+    dcp_dir = _join(url, "dcp")
+    fs, _ = _fs(dcp_dir)
+    if not any(fs.exists(_fs(_join(dcp_dir, n))[1]) for n in (sharded.METADATA_JSON, sharded.LEGACY_METADATA)):
+        raise CheckpointToolError(f"{_join(dcp_dir, sharded.METADATA_JSON)}: missing (expected DCP metadata "
+                                  "written by the checkpoint manager)")
     try:
-        return sharded.SafeReader(_join(url, "dcp")).read_metadata()
-    except pickle.UnpicklingError as e:
-        raise CheckpointToolError(f"{md_path}: refused ({' '.join(str(e).split())})") from None
-    except Exception as e:  # noqa: BLE001 - truncated/garbage pickle raises many types; all mean "unreadable"
-        raise CheckpointToolError(f"{md_path}: unreadable DCP metadata ({type(e).__name__}: "
+        return sharded.SafeReader(dcp_dir).read_metadata()
+    except sharded.CheckpointReadError:
+        raise  # already one line naming the file; an unsafe one must stay UnsafeCheckpointError
+    except Exception as e:  # noqa: BLE001 - an unreadable file raises many types; all mean "unreadable"
+        raise CheckpointToolError(f"{dcp_dir}: unreadable DCP metadata ({type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:200]})") from None
 
 

@@ -126,8 +126,11 @@ class MoE(nn.Module):
         flat_e = experts.reshape(-1)  # (N*k,) assignment a = token * k + j
         order = torch.argsort(flat_e, stable=True)  # assignments grouped by expert, token order within
         sorted_e = flat_e[order]  # (N*k,)
-        counts = torch.bincount(flat_e, minlength=E)  # (E,)
-        starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted index of each expert
+        # Expert boundaries in the sorted assignments. searchsorted rather than bincount: bincount reads
+        # the maximum back to size its output (a host sync on CUDA); this has the shape (E+1,) up front.
+        bounds = torch.searchsorted(sorted_e, torch.arange(E + 1, device=x.device))  # (E+1,)
+        starts = bounds[:-1]  # (E,) first sorted index of each expert
+        counts = bounds[1:] - starts  # (E,) assignments per expert
         rank = torch.arange(N * k, device=x.device) - starts[sorted_e]  # (N*k,) place within its expert
         cap = self.capacity(N, counts)
 
@@ -175,26 +178,35 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).sum() if losses else None
 
 
-def moe_metrics(model: nn.Module) -> dict[str, float]:
-    """Routing statistics of the latest forward, averaged over MoE layers, for the training log.
+MOE_METRIC_NAMES = ("moe/aux", "moe/balance", "moe/z", "moe/load_max", "moe/load_min", "moe/dropped", "moe/idle")
 
-    moe/aux: the weighted aux loss added to the LM loss; moe/balance, moe/z: the raw losses;
-    moe/load_max, moe/load_min: the busiest / idlest expert's share of assignments times E (1 = uniform);
-    moe/dropped: fraction of assignments dropped by the capacity limit; moe/idle: fraction of experts
-    that got no token.
+
+def moe_metric_tensor(model: nn.Module) -> torch.Tensor | None:
+    """Routing statistics of the latest forward as one device tensor (len(MOE_METRIC_NAMES),), None if dense.
+
+    Kept on the device so the trainer can fetch them in the same host sync as the loss and gradient norm.
+    Averaged over MoE layers: moe/aux: the weighted aux loss added to the LM loss; moe/balance, moe/z: the
+    raw losses; moe/load_max, moe/load_min: the busiest / idlest expert's share of assignments times E
+    (1 = uniform); moe/dropped: fraction of assignments dropped by the capacity limit; moe/idle: fraction
+    of experts that got no token.
     """
     layers = [m for m in moe_layers_of(model) if m.stats]
     if not layers:
-        return {}
+        return None
     E = layers[0].num_experts
     load = torch.stack([m.stats["load"] for m in layers])  # (L, E)
-    vals = torch.stack([
+    return torch.stack([
         torch.stack([m.aux_loss.detach().float() for m in layers]).sum(),
-        torch.stack([m.stats["balance_loss"] for m in layers]).mean(),
-        torch.stack([m.stats["z_loss"] for m in layers]).mean(),
-        (load.max(dim=1).values * E).mean(),
-        (load.min(dim=1).values * E).mean(),
-        torch.stack([m.stats["dropped"] for m in layers]).mean(),
+        torch.stack([m.stats["balance_loss"] for m in layers]).float().mean(),
+        torch.stack([m.stats["z_loss"] for m in layers]).float().mean(),
+        (load.max(dim=1).values * E).float().mean(),
+        (load.min(dim=1).values * E).float().mean(),
+        torch.stack([m.stats["dropped"] for m in layers]).float().mean(),
         (load == 0).float().mean(),
-    ]).tolist()  # one host sync for all of them
-    return dict(zip(("moe/aux", "moe/balance", "moe/z", "moe/load_max", "moe/load_min", "moe/dropped", "moe/idle"), vals))
+    ])  # (7,)
+
+
+def moe_metrics(model: nn.Module) -> dict[str, float]:
+    """`moe_metric_tensor` as {name: value} for the training log (one host sync), {} for a dense model."""
+    vals = moe_metric_tensor(model)
+    return {} if vals is None else dict(zip(MOE_METRIC_NAMES, vals.tolist()))

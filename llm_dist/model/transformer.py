@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from llm_dist.config import ModelConfig, layer_kinds, moe_layers
 from llm_dist.kernels import linear_cross_entropy
@@ -30,10 +31,22 @@ from llm_dist.model.init import normal_
 from llm_dist.model.kv_cache import RollingKVCache
 from llm_dist.model.layers import (MLP, NoNorm, RotaryEmbedding, SinusoidalEmbedding, make_embedding, make_linear,
                                    make_norm)
-from llm_dist.model.moe import MoE, moe_metrics
+from llm_dist.model.moe import MOE_METRIC_NAMES, MoE, moe_metric_tensor, moe_metrics
+from llm_dist.model.scratch import cross_entropy
 
 if TYPE_CHECKING:
     from llm_dist.model.kv_cache import KVCache
+
+
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+                       ) -> torch.Tensor:
+    """Summed cross-entropy of the logits h @ weight.T (fp32 log-softmax) against targets: `Transformer.lm_loss`
+    for loss.impl=torch as a free function of tensors, so it can be compiled apart from the module.
+
+    h: (B, T, C); weight: (V, C); targets: (B, T). Returns a float32 scalar.
+    """
+    logits = F.linear(h, weight)  # (B, T, V), autocast dtype
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum")
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
@@ -119,6 +132,7 @@ class Transformer(nn.Module):
         # How the training loss is computed (the `loss` config section; set by build_parallel_model).
         self.loss_impl = "torch"  # torch: callers take logits to F.cross_entropy | fused: forward(idx, targets)
         self.loss_chunk_size = 0  # fused: tokens per chunk, 0 = auto
+        self._compiled_head_loss = None  # set by compile_loss (FSDP + train.compile)
         self.init_weights()
 
     # ---------------------------------------------------------------------------------- initialisation
@@ -229,15 +243,15 @@ class Transformer(nn.Module):
         head="score": the scalar head's output (B, T) in fp32 instead; head="both": (logits, scores).
         Both go through this forward (not a side method) so FSDP's and DDP's hooks see the head's use.
         With `targets` (B, T) (head="lm"): instead the summed cross-entropy over targets != ignore_index
-        (float32 scalar), from the hidden states and the LM-head weight by the chunked linear +
-        cross-entropy, so the (B*T, V) logits never exist. It runs here, inside the root module's forward,
-        because that is where FSDP has all-gathered `lm_head.weight`.
+        (float32 scalar, `lm_loss`). It runs here, inside the root module's forward, because that is where
+        FSDP has all-gathered `lm_head.weight`, and because a compiled model (`train.compile`) then
+        compiles the loss with the forward: the fp32 upcast of the logits fuses into the log-softmax.
         """
         h = self.forward_hidden(idx, kv_cache, attn_mask)  # (B, T, C)
         if head == "lm":
             if targets is None:
                 return self.lm_head(h)
-            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index, self.loss_chunk_size)
+            return self.lm_loss(h, targets, ignore_index)
         if self.score_head is None:
             raise ValueError(f"head={head!r} needs a model built with model.score_head=true")
         scores = self.score_head(h).squeeze(-1).float()  # (B, T)
@@ -247,9 +261,42 @@ class Transformer(nn.Module):
             return self.lm_head(h), scores
         raise ValueError(f"head must be lm | score | both, got {head!r}")
 
+    def lm_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Summed next-token cross-entropy of hidden states h (B, T, C) against targets (B, T), fp32 scalar.
+
+        loss.impl=fused: the chunked linear + cross-entropy (llm_dist/kernels), so the (B*T, V) logits never
+        exist at once. loss.impl=torch: the LM head, then cross-entropy on fp32 logits (bf16 logits lose ~3
+        significant digits, which shows up directly in the loss). When the model is compiled this runs
+        inside the compiled forward, so the upcast is fused into the log-softmax instead of writing a
+        (B*T, V) fp32 copy; under FSDP (blocks compiled one by one) `compile_loss` compiles it on its own.
+        """
+        if self.loss_impl == "fused":
+            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index, self.loss_chunk_size)
+        if self._compiled_head_loss is not None:
+            return self._compiled_head_loss(h, self.lm_head.weight, targets, ignore_index)
+        logits = self.lm_head(h)  # (B, T, V_padded), autocast dtype
+        ce = cross_entropy if self.cfg.ops == "scratch" else F.cross_entropy  # model.ops=scratch: hand-written
+        return ce(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+
+    def compile_loss(self, mode: str = "default") -> None:
+        """Compile `lm_loss` (loss.impl=torch, model.ops=torch) on its own: for FSDP, which compiles per block.
+
+        The compiled function takes the (all-gathered) head weight as an argument rather than reading the
+        module, so FSDP's swapping of sharded/unsharded parameters cannot trigger recompiles. A model compiled
+        as a whole needs no such thing: its forward, loss included, is one graph.
+        """
+        if self.loss_impl == "torch" and self.cfg.ops == "torch" and isinstance(self.lm_head, nn.Linear) \
+                and self.lm_head.bias is None:
+            self._compiled_head_loss = torch.compile(head_cross_entropy, mode=mode)
+
     def extra_metrics(self) -> dict[str, float]:
         """Model-specific training metrics of the latest forward (MoE routing statistics; {} if dense)."""
         return moe_metrics(self)
+
+    def extra_metric_tensor(self) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """`extra_metrics` as (names, device tensor), None if dense: for the trainer's single host sync."""
+        vals = moe_metric_tensor(self)
+        return None if vals is None else (MOE_METRIC_NAMES, vals)
 
     # --------------------------------------------------------------------------------------- reporting
 

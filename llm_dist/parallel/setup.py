@@ -95,14 +95,18 @@ def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype, froze
         if name not in params:
             raise KeyError(f"cannot freeze {name!r}: the model has no such parameter")
         params[name].requires_grad_(False)
-    model.loss_impl, model.loss_chunk_size = cfg.loss.impl, cfg.loss.chunk_size  # read by causal_lm_loss
+    model.loss_impl, model.loss_chunk_size = cfg.loss.impl, cfg.loss.chunk_size  # read by Transformer.lm_loss
     apply_activation_checkpointing(model.blocks, cfg.parallel)
     sharded = strategy in ("fsdp", "hsdp")
     if cfg.train.compile:
         # In-place `.compile()` keeps parameter names free of `_orig_mod.`; under FSDP each block is its
         # own graph so the all-gathers between blocks stay outside the compiled code.
+        # Compiled whole, the model's forward includes the loss (`Transformer.lm_loss`), so the fp32 logits
+        # upcast fuses into the log-softmax; per block, the head + loss get their own compiled function.
         for block in (model.blocks if sharded else [model]):
             block.compile(mode=cfg.train.compile_mode)
+        if sharded:
+            model.compile_loss(cfg.train.compile_mode)
     mesh = None
     if sharded:
         mesh = build_mesh(strategy, rt, cfg.parallel.hsdp_replicas)

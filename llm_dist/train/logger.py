@@ -19,11 +19,25 @@ from typing import Any
 from llm_dist.config import LoggingConfig
 
 
+def _is_time(key: str) -> bool:
+    """Keys holding seconds: step_time, time_generate, time_score, ..."""
+    return "time" in key.rsplit("/", 1)[-1].split("_")
+
+
 def _fmt(key: str, v: Any) -> str:
+    """One `key value` field of the console line. JSONL keeps raw numbers; only the console adds units:
+    MFU (a fraction) as a percentage, times (seconds) in ms or s."""
     if isinstance(v, float):
         if key == "lr":
             return f"{key} {v:.2e}"
-        if math.isfinite(v) and 0 < abs(v) < 1e-3:
+        if not math.isfinite(v):
+            return f"{key} {v}"
+        if key.rsplit("/", 1)[-1] == "mfu":
+            pct = 100 * v
+            return f"{key} {pct:.1f}%" if pct >= 1 else f"{key} {pct:.2g}%"
+        if _is_time(key):
+            return f"{key} {1000 * v:.1f} ms" if abs(v) < 1 else f"{key} {v:.2f} s"
+        if 0 < abs(v) < 1e-3:
             return f"{key} {v:.3e}"
         return f"{key} {v:.4f}" if abs(v) < 100 else f"{key} {v:,.0f}"
     return f"{key} {v}"
@@ -50,7 +64,7 @@ class Sink:
 
 
 class ConsoleSink(Sink):
-    """`step N | key value | ...` on stdout; samples are printed by the loop itself, framed."""
+    """`step N | key value | ...` on stdout (MFU in %, times with units); samples are printed by the loop."""
 
     name = "console"
 

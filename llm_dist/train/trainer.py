@@ -1,13 +1,16 @@
 """The trainer core every stage shares: one readable `train_step`, evaluation, and the resumable state.
 
 A step takes this rank's micro-batches of one global batch and
-  1. counts the target tokens of the *whole* global batch (one all-reduce, before any forward),
+  1. counts the target tokens of the *whole* global batch (one all-reduce, before any forward, whose result
+     stays on the device: the host goes straight on to launching the forward),
   2. runs forward/backward per micro-batch with gradient sync (DDP all-reduce, FSDP reduce-scatter)
      skipped on all but the last, each micro-batch's summed loss scaled by
      world_size / global_target_tokens, so the gradient is exactly d(mean loss over every target token in
      the global batch) however the batch is split over ranks and micro-batches,
   3. checks loss and gradient norm are finite (else skips the update or halts, `train.nonfinite`),
      unscales (fp16), clips the global gradient norm (sharded-aware), sets the scheduled lr, steps AdamW.
+The step has one host sync: after backward and clipping, loss, gradient norm, target/token counts and the
+stop vote come to the host together (the finiteness check needs them before the optimizer step).
 Stages plug in their loss with `loss_fn(model, batch) -> (sum of per-token losses, number of targets)`.
 A loss that keeps statistics may also define `reset_stats()` (called before the step's micro-batches) and
 `step_stats(device) -> dict` (after them, on every rank: it may all-reduce), merged into the step's metrics.
@@ -29,7 +32,6 @@ from llm_dist import distributed as D
 from llm_dist.config import Config
 from llm_dist.distributed import Runtime
 from llm_dist.model.moe import moe_aux_loss
-from llm_dist.model.scratch import cross_entropy_for
 from llm_dist.parallel import ParallelModel
 from llm_dist.train.optim import build_optimizer, clip_grad_norm, lr_at
 
@@ -42,21 +44,15 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over targets != IGNORE_INDEX, and the number of such targets.
 
+    The model computes the loss itself (`Transformer.forward(x, targets=y)` -> `lm_loss`, per `loss.impl`),
+    so a compiled model compiles the loss with its forward and no fp32 logits tensor is written eagerly.
     MoE models (training mode only) add their auxiliary loss `aux` (load balance + z-loss, already
     weighted by its coefficients) as aux * n, n = this micro-batch's targets. The trainer divides the
     summed loss by the global target count N, so the objective becomes mean CE + sum_mb (n_mb / N) * aux_mb:
     each micro-batch's aux loss weighted like its tokens, which is aux itself when there is one micro-batch.
-    With `loss.impl=fused` the model returns the summed loss itself (`Transformer.forward(x, targets=y)`).
     """
     x, y = batch[0], batch[1]  # (B, T), (B, T)
-    if getattr(getattr(model, "module", model), "loss_impl", "torch") == "fused":  # loss.impl (bare, DDP or FSDP)
-        # The model computes the loss from its hidden states in chunks: no (B, T, V) logits (llm_dist/kernels).
-        loss = model(x, targets=y, ignore_index=IGNORE_INDEX)
-    else:
-        logits = model(x)  # (B, T, V_padded)
-        # fp32 log-softmax: bf16 logits lose ~3 significant digits, which shows up directly in the loss.
-        ce = cross_entropy_for(model)  # F.cross_entropy, or the hand-written one under model.ops=scratch
-        loss = ce(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = model(x, targets=y, ignore_index=IGNORE_INDEX)  # () fp32, summed over kept targets
     n = (y != IGNORE_INDEX).sum()
     aux = moe_aux_loss(model) if model.training else None
     if aux is not None:
@@ -158,21 +154,35 @@ class Trainer:
             self.model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
+    def _local_counts(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        """(targets, tokens, stop vote) of this rank's micro-batches as a (3,) float64 device tensor.
+
+        Built without a host sync: the target count is a device reduction, and the host-known numbers go in
+        through `torch.full` (a fill kernel; `torch.tensor(x, device="cuda")` would copy from pageable
+        memory and synchronise the stream). float64 counts are exact up to 2**53 tokens.
+        """
+        dev = self.rt.device
+        targets = torch.stack([(mb[1] != IGNORE_INDEX).sum() for mb in micro_batches]).sum()  # () int64
+        tokens = float(sum(mb[0].numel() for mb in micro_batches))  # shapes are host metadata: no sync
+        vote = float(self.stop.signum is not None)
+        return torch.stack([targets.to(dev, torch.float64),
+                            torch.full((), tokens, dtype=torch.float64, device=dev),
+                            torch.full((), vote, dtype=torch.float64, device=dev)])  # (3,)
+
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches. Returns metrics (global, synchronised)."""
+        """One optimizer step over this rank's micro-batches. Returns metrics (global, synchronised).
+
+        One host sync per step (`.tolist()` after clipping); none before the forward.
+        """
         self.model.train()
         dev = self.rt.device
         # Global target count, token count and stop flag in one all-reduce. Summing before the forward
         # lets every micro-batch be scaled by the same constant, so no rank or micro-batch is over-weighted.
-        local = [torch.stack([(mb[1] != IGNORE_INDEX).sum(), torch.tensor(mb[0].numel(), device=mb[0].device)])
-                 for mb in micro_batches]
-        counts = torch.cat([torch.stack(local).sum(0).to(dev, torch.float64),
-                            torch.tensor([float(self.stop.signum is not None)], dtype=torch.float64, device=dev)])
-        D.all_reduce_sum(counts)
-        n_global, tokens, stop_votes = (int(v) for v in counts.tolist())  # the step's first host sync
-        if n_global == 0:
-            raise RuntimeError(f"step {self.state.step}: the global batch has no target tokens")
-        scale = self.rt.world_size / n_global  # DDP/FSDP average gradients over ranks; undo that into a sum
+        counts = D.all_reduce_sum(self._local_counts(micro_batches))  # (3,) float64, stays on the device
+        # DDP/FSDP average gradients over ranks; world_size / N undoes that into a sum. A device scalar:
+        # rounded to fp32 as the Python float was, so the numerics match a host-side scale bit for bit.
+        # N = 0 makes it inf; that is caught (and raised) after the sync below, before any update.
+        scale = (self.rt.world_size / counts[0]).float()  # () fp32
 
         if hasattr(self.loss_fn, "reset_stats"):
             self.loss_fn.reset_stats()
@@ -192,7 +202,17 @@ class Trainer:
         if isinstance(grad_norm, DTensor):  # sharded grads: the norm over every shard of every rank
             grad_norm = grad_norm.full_tensor()
         D.all_reduce_sum(loss_sum)
-        loss_val, norm_val = (float(v) for v in torch.stack([loss_sum, grad_norm.float()]).tolist())
+        # The step's one host sync: everything the host needs (finiteness, counters, the stop vote, the
+        # model's routing statistics) in one float64 vector. fp32 -> float64 is exact, so the values equal
+        # what separate .item() calls would give.
+        extra = self.raw_model.extra_metric_tensor() if hasattr(self.raw_model, "extra_metric_tensor") else None
+        host = torch.cat([torch.stack([loss_sum.double(), grad_norm.float().double()]), counts,
+                          *([extra[1].double()] if extra is not None else [])]).tolist()
+        loss_val, norm_val = host[0], host[1]
+        n_global, tokens, stop_votes = (int(v) for v in host[2:5])
+        if n_global == 0:
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients of a 1/0-scaled loss: drop them
+            raise RuntimeError(f"step {self.state.step}: the global batch has no target tokens")
         loss_val /= n_global
         lr = self.lr()
         # Only the all-reduced vote decides: a signal that lands after this step's all-reduce is counted
@@ -202,8 +222,10 @@ class Trainer:
         self.state.tokens_seen += tokens
         self.state.target_tokens_seen += n_global
         metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens}
-        if hasattr(self.raw_model, "extra_metrics"):  # MoE routing statistics of this rank's last micro-batch
-            metrics.update(self.raw_model.extra_metrics())
+        if extra is not None:  # MoE routing statistics of this rank's last micro-batch
+            metrics.update(zip(extra[0], host[5:]))
+        elif not hasattr(self.raw_model, "extra_metric_tensor") and hasattr(self.raw_model, "extra_metrics"):
+            metrics.update(self.raw_model.extra_metrics())  # a model without the tensor form (its own sync)
         if hasattr(self.loss_fn, "step_stats"):  # the loss's own statistics (collective: every rank calls it)
             metrics.update(self.loss_fn.step_stats(dev))
 
@@ -218,7 +240,7 @@ class Trainer:
         for hook in self.pre_step_hooks:
             hook()
         if self.scaler:
-            self.scaler.step(self.optimizer)  # skips the step itself if any gradient is inf/nan
+            self.scaler.step(self.optimizer)  # skips the step itself if any gradient is inf/nan (fp16: a sync)
             self.scaler.update()
         else:
             self.optimizer.step()

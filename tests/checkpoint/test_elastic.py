@@ -30,6 +30,9 @@ def two_rank_run(tmp_path_factory, prepared_byte_data: Path) -> Path:
 @pytest.mark.parametrize("nproc, strategy", [(1, "single"), (3, "ddp"), (3, "fsdp")])
 def test_resume_on_another_world_size(tmp_path: Path, prepared_byte_data: Path, two_rank_run: Path, nproc: int,
                                       strategy: str) -> None:
+    # The 2-rank checkpoint's index is JSON (written by DCP's coordinator through SafeWriter), no pickle.
+    dcp_dir = two_rank_run / "checkpoints" / "step_00000005" / "dcp"
+    assert (dcp_dir / ".metadata.json").is_file() and not (dcp_dir / ".metadata").exists()
     # Start the new run from the 2-rank checkpoint at step 5 (copied: the original stays untouched).
     shutil.copytree(two_rank_run / "checkpoints" / "step_00000005", tmp_path / "checkpoints" / "step_00000005")
     p = run_launcher([*ARGS, f"data.dir={prepared_byte_data}", f"out_dir={tmp_path}",

@@ -65,9 +65,39 @@ def test_block_crcs_match_zlib_and_parallel_equals_serial(tmp_path: Path) -> Non
     assert integrity.file_checksums(fs, {"e": str(tmp_path / "empty")})["e"] == integrity.crc_bytes(b"")
 
 
-def test_every_file_of_a_checkpoint_has_its_checksums(tmp_path: Path) -> None:
+def test_following_a_growing_file_gives_the_finished_files_crcs(tmp_path: Path) -> None:
+    """The hasher that follows DCP's writer reads each file while it grows; its blocks must equal those of
+    the finished file, whatever the write sizes and block boundaries."""
+    import threading
+    import time
+
+    data = {"__0_0.distcp": os.urandom(25_000), "__0_1.distcp": os.urandom(4_000), "__0_2.distcp": b""}
+    follower = integrity.FollowingChecksums(str(tmp_path), "__0_", block_bytes=3000, poll_s=0.001).start()
+    (tmp_path / "__1_0.distcp").write_bytes(b"another rank's file")  # not this prefix: ignored
+
+    def write() -> None:
+        for name, blob in data.items():
+            with open(tmp_path / name, "wb") as f:
+                for i in range(0, len(blob), 777):
+                    f.write(blob[i:i + 777])
+                    f.flush()
+                    time.sleep(0.0005)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join()
+    got = follower.finish(sorted(data))
+    fs = fsspec.filesystem("file")
+    want = integrity.file_checksums(fs, {n: str(tmp_path / n) for n in data}, block_bytes=3000)
+    assert got == want and len(got["__0_0.distcp"]) == 9 and got["__0_2.distcp"] == integrity.crc_bytes(b"")
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_every_file_of_a_checkpoint_has_its_checksums(tmp_path: Path, async_save: bool) -> None:
     model, opt = _model_opt(0)
-    url = _save(CheckpointManager(str(tmp_path)), 3, model, opt)
+    mgr = CheckpointManager(str(tmp_path), async_save=async_save)
+    url = _save(mgr, 3, model, opt)
+    mgr.close()
     meta = json.loads((Path(url) / "meta.json").read_text())
     assert set(meta["checksums"]["files"]) == set(meta["files"])  # shards, metadata, RNG, JSON, YAML
     assert not (Path(url) / integrity.SUMS_DIR).exists()  # per-rank sums folded into meta.json

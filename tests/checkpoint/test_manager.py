@@ -46,7 +46,8 @@ def test_round_trip_restores_model_optimizer_and_state(tmp_path: Path) -> None:
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
     assert ck["train_state"] == {"trainer": {"step": 7}, "loader": {"index": 7}}
-    assert ck["meta"]["step"] == 7 and "dcp/.metadata" in ck["meta"]["files"] and ck["rng"] is not None
+    assert ck["meta"]["step"] == 7 and "dcp/.metadata.json" in ck["meta"]["files"] and ck["rng"] is not None
+    assert "dcp/.metadata" not in ck["meta"]["files"]  # the index is JSON: no pickle is written
     assert load_checkpoint_tokenizer(url).fingerprint() == ByteTokenizer().fingerprint()
 
 
@@ -142,9 +143,11 @@ class _Evil:
 def test_tampered_metadata_is_refused_not_executed(tmp_path: Path) -> None:
     model, opt = _model_opt(0)
     url = _save(CheckpointManager(str(tmp_path)), 1, model, opt)
+    (Path(url) / "dcp" / ".metadata.json").unlink()  # now looks like a legacy checkpoint with a pickled index
     (Path(url) / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil()))
     model2, opt2 = _model_opt(1)
-    with pytest.raises(sharded.CheckpointReadError, match=r"step_00000001/dcp: cannot be read .*system, which is not allowed"):
+    with pytest.raises(sharded.UnsafeCheckpointError,
+                       match=r"step_00000001/dcp/\.metadata: refers to (posix|os)\.system, which a checkpoint may not"):
         load_checkpoint(url, model2, opt2)
 
 

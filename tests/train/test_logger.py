@@ -129,3 +129,20 @@ def test_jsonl_failure_does_not_stop_the_other_sinks(tmp_path: Path, capsys: pyt
     cap = capsys.readouterr()
     assert cap.err.count("warning:") == 1 and "JSONL logging failed" in cap.err
     assert "step      2 | loss 0.5000" in cap.out
+
+
+def test_console_mfu_percent_and_time_units_jsonl_raw(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The console says `mfu 30.7%` and `step_time 34.5 ms`; JSONL keeps the raw fraction and seconds."""
+    log = MetricsLogger(tmp_path, LoggingConfig())
+    rec = {"loss": 3.25, "step_time": 0.0345, "tok_per_s": 354861.0, "mfu": 0.3071, "mem_gib": 4.5}
+    log.log(10, rec)
+    log.log(20, {"step_time": 2.5, "mfu": 8.770e-04, "time_generate": 0.25})
+    log.close()
+    out = capsys.readouterr().out
+    assert ("step     10 | loss 3.2500 | step_time 34.5 ms | tok_per_s 354,861 | mfu 30.7% | mem_gib 4.5000"
+            in out), out
+    assert "step     20 | step_time 2.50 s | mfu 0.088% | time_generate 250.0 ms" in out, out
+    assert "e-04" not in out
+    recs = records(tmp_path / "metrics.jsonl")
+    assert {k: recs[0][k] for k in rec} == rec
+    assert recs[1]["mfu"] == 8.770e-04 and recs[1]["step_time"] == 2.5

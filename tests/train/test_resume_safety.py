@@ -124,14 +124,14 @@ def test_missing_dcp_metadata_is_one_line_not_a_traceback(base_run: Path, tmp_pa
     anyway; a user reads one line per event."""
     run = _copy(base_run, tmp_path)
     ckpt = run / "checkpoints/step_00000010"
-    (ckpt / "dcp/.metadata").unlink()
+    (ckpt / "dcp/.metadata.json").unlink()
     meta = json.loads((ckpt / "meta.json").read_text())
-    del meta["files"]["dcp/.metadata"], meta["checksums"]["files"]["dcp/.metadata"]
+    del meta["files"]["dcp/.metadata.json"], meta["checksums"]["files"]["dcp/.metadata.json"]
     (ckpt / "meta.json").write_text(json.dumps(meta))
     p = _resume(run, prepared_byte_data)
     assert p.returncode == 0, p.stderr
     lines = _err_lines(p)
-    assert len(lines) == 1 and "step_00000010/dcp: cannot be read" in lines[0], p.stderr
+    assert len(lines) == 1 and "step_00000010/dcp: no DCP metadata" in lines[0], p.stderr
 
 
 def test_resume_path_errors_and_run_dirs(base_run: Path, tmp_path: Path, prepared_byte_data: Path) -> None:

@@ -157,13 +157,68 @@ def test_activation_checkpointing_leaves_loss_and_gradients_unchanged() -> None:
             assert torch.allclose(grads[name], ref[name], rtol=0, atol=1e-7), (key, name)
 
 
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory) -> str:
+    """One inductor cache for this module's compile tests (the second reuses the first's kernels)."""
+    return str(tmp_path_factory.mktemp("inductor"))
+
+
+def _record_loss_calls(monkeypatch) -> list[bool]:  # noqa: ANN001
+    """Patch F.cross_entropy to record, per call, whether it ran while being compiled (Dynamo tracing)."""
+    seen: list[bool] = []
+    original = torch.nn.functional.cross_entropy
+
+    def ce(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(torch.compiler.is_compiling())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
+    return seen
+
+
 @pytest.mark.slow
-def test_compiled_model_matches_eager(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+def test_compiled_model_matches_eager(inductor_cache, monkeypatch) -> None:
+    """train.compile: the loss is traced into the compiled forward (no eager fp32 logits); same loss/grads."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
     eager, compiled = _trainer(_cfg()), _trainer(_cfg(**{"train.compile": "true"}))
+    g_eager, g_compiled = _capture_grads(eager), _capture_grads(compiled)
+    seen = _record_loss_calls(monkeypatch)
     for s in range(3):
-        le = eager.train_step([_batch(s)])["loss"]
-        lc = compiled.train_step([_batch(s)])["loss"]
-        assert lc == pytest.approx(le, rel=1e-4)
+        x, y = _batch(s)
+        mbs = [(x[:4], y[:4]), (x[4:], y[4:])]  # accumulation: two micro-batches
+        le = eager.train_step(mbs)["loss"]
+        assert seen and not any(seen)  # eager: the loss ran eagerly
+        seen.clear()
+        lc = compiled.train_step(mbs)["loss"]
+        assert seen and all(seen)  # compiled: only ever called while Dynamo traced the forward
+        seen.clear()
+        assert lc == pytest.approx(le, rel=1e-5 if s == 0 else 1e-4)
+        if s == 0:  # later steps start from parameters Adam has already moved apart by its lr*sign(g) rounding
+            scale = max(g.abs().max().item() for g in g_eager.values())
+            for n, g in g_eager.items():
+                assert torch.allclose(g_compiled[n], g, rtol=0, atol=1e-5 * scale), n
     assert set(compiled.model_optim_state()["model"]) == set(eager.raw_model.state_dict())  # no _orig_mod. prefix
     assert set(compiled.raw_model.state_dict()) == set(eager.raw_model.state_dict())
+
+
+def test_compiled_loss_alone_matches_eager(inductor_cache, monkeypatch) -> None:
+    """`compile_loss` (FSDP's path: blocks compiled one by one, the head + loss apart): same loss and grads."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
+    x, y = _batch(0)
+    models = [_trainer(_cfg()).raw_model for _ in range(2)]
+    models[1].compile_loss()
+    assert models[1]._compiled_head_loss is not None
+    out = []
+    for m in models:
+        loss = m(x, targets=y)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l_e, g_e), (l_c, g_c) = out
+    assert torch.allclose(l_c, l_e, rtol=1e-6, atol=0)
+    for n in g_e:
+        assert torch.allclose(g_c[n], g_e[n], rtol=1e-5, atol=1e-7), n
+    # The eager fallback of the same method with loss.impl=fused is untouched by compile_loss.
+    fused = _trainer(_cfg()).raw_model
+    fused.loss_impl = "fused"
+    fused.compile_loss()
+    assert fused._compiled_head_loss is None
