@@ -16,15 +16,19 @@ from typing import Callable
 
 from llm_dist.checkpoint.manager import CheckpointWriteError
 from llm_dist.checkpoint.sharded import CheckpointReadError
+from llm_dist.cli_args import one_line, one_line_errors, output_dir_problem
 from llm_dist.config import Config, ConfigError, parse_args
 from llm_dist.data.index import DataIndexError
 from llm_dist.data.sources import DataPrepError
-from llm_dist.distributed import world_size_from_env
+from llm_dist.distributed import read_launch_env, world_size_from_env
+from llm_dist.eval.multiple_choice import MCFormatError
 from llm_dist.run_lock import RunLockError
+from llm_dist.sft.chat import DataError
 from llm_dist.tokenizer import TokenizerFileError
 
 # Errors that describe bad input (a file, a key, a value) in one line: shown without a traceback.
-USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError, RunLockError)
+USER_ERRORS = (ConfigError, DataPrepError, DataIndexError, TokenizerFileError, CheckpointReadError, RunLockError,
+               MCFormatError, DataError)
 # Errors of the machine, not of the input (a full disk): one line too, exit 1; the partial write is removed.
 ENV_ERRORS = (CheckpointWriteError,)
 
@@ -44,6 +48,35 @@ def report_exit(code: int) -> int:
     return code
 
 
+def tool_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Run a tool's `main(argv)`: any USER_ERRORS becomes one `error: ...` line on stderr and exit status 2."""
+    return one_line_errors(main, USER_ERRORS, argv)
+
+
+def check_device(device: str, key: str) -> None:
+    """`device` (auto | cpu | cuda) can be used on this machine by this rank; else ConfigError naming `key`."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{key}: {device!r} is not one of auto, cpu, cuda")
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}=cuda but CUDA is not available on this machine; use auto or cpu")
+    local_rank = read_launch_env().local_rank
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"{key}=cuda: local rank {local_rank} has no GPU (this node has "
+                          f"{torch.cuda.device_count()})")
+
+
+def check_output_dir(path: str, key: str) -> None:
+    """A local output directory that exists, or can be created, and can hold files; else ConfigError naming
+    `key`. Touches nothing. URLs (s3://...) are left to their filesystem."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
 def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = None,
         default_config: str | None = None) -> int:
     """Parse `[--config PATH] [key=value ...]`, validate for the launcher's world size, run the stage.
@@ -53,13 +86,17 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
     """
     try:
         cfg = parse_args(argv, default_config).validate(world_size_from_env())
+        check_device(cfg.parallel.device, "parallel.device")
+        check_output_dir(cfg.out_dir, "out_dir")
+        if cfg.checkpoint.dir:
+            check_output_dir(cfg.checkpoint.dir, "checkpoint.dir")
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        print(f"config error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
     try:
         return report_exit(int(stage_main(cfg) or 0))
     except USER_ERRORS as e:  # bad input found after start-up (files, data, checkpoints): one line, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
     except ENV_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

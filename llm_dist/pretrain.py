@@ -16,7 +16,7 @@ import torch
 from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
 from llm_dist.data.loader import ShardedLoader
-from llm_dist.data.prepare import ensure_prepared
+from llm_dist.data.prepare import use_or_prepare
 from llm_dist.eval import MCExample, evaluate_lm, evaluate_mc, load_mc, token_byte_lengths
 from llm_dist.eval.multiple_choice import MCFormatError
 from llm_dist.model.generate import generate
@@ -31,11 +31,17 @@ from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, chec
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
-    """Rank 0 prepares the shards if they are not there yet (a no-op when they are); others wait."""
+    """Rank 0 prepares the shards if data.dir holds no valid prepared data yet; others wait.
+
+    A valid prepared directory is used as is (`use_or_prepare`): data.source is read only to build one.
+    """
     data_dir = resolve_path(cfg.data.dir)
     if D.is_main():
-        ensure_prepared(data_dir, resolve_path(cfg.data.source), tok, cfg.data.val_fraction,
-                        text_field=cfg.data.text_field, num_proc=cfg.data.num_proc, log=D.print0)
+        use_or_prepare(data_dir, resolve_path(cfg.data.source), tok, cfg.data.val_fraction,
+                       text_field=cfg.data.text_field, num_proc=cfg.data.num_proc, log=D.print0,
+                       min_split_tokens=cfg.model.block_size + 1,
+                       min_tokens_hint=f"use a larger data.source or a smaller model.block_size "
+                                       f"(now {cfg.model.block_size})")
     D.barrier()
     return data_dir
 
@@ -82,7 +88,8 @@ def main(cfg: Config) -> int:
                                rt.world_size, seed=t.seed, shuffle=cfg.data.shuffle, device=rt.device)
         if loader.tokenizer_info.get("fingerprint") not in (None, tok.fingerprint()):
             raise ConfigError(f"data.dir {data_dir} was prepared with another tokenizer "
-                              f"({loader.tokenizer_info.get('name')}); re-prepare it or set tokenizer.name")
+                              f"({loader.tokenizer_info.get('name')}, not {cfg.tokenizer.name}); set tokenizer.name "
+                              "to it, point data.dir elsewhere, or rebuild it with tools/prepare_data.py --overwrite")
         val = ShardedLoader(data_dir, "val", seq_len, t.batch_size, t.micro_batch_size, rt.rank, rt.world_size,
                             shuffle=False, device=rt.device)
 

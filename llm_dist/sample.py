@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -10,7 +9,9 @@ import torch
 from llm_dist.checkpoint import load_checkpoint_tokenizer, read_config_dict
 from llm_dist.checkpoint import resolve_checkpoint as find_checkpoint
 from llm_dist.checkpoint.manager import load_checkpoint_weights
-from llm_dist.config import Config, ConfigError, apply_dict
+from llm_dist.cli import USER_ERRORS, check_device
+from llm_dist.cli_args import ArgumentParser, finite_float, nonnegative_int, one_line, positive_int
+from llm_dist.config import Config, apply_dict
 from llm_dist.distributed import pick_device
 from llm_dist.model.generate import generate
 from llm_dist.model.transformer import Transformer, build_model
@@ -37,27 +38,26 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[Transform
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Sample text from an llm_dist checkpoint.")
+    ap = ArgumentParser(description="Sample text from an llm_dist checkpoint.")
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N), or a run dir: newest checkpoint")
     ap.add_argument("--prompt", default="\n", help="text to continue")
-    ap.add_argument("--num-samples", type=int, default=1)
-    ap.add_argument("--max-new-tokens", type=int, default=300)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=200, help="0 = no top-k filter")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
+    ap.add_argument("--num-samples", type=positive_int, default=1)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=300)
+    ap.add_argument("--temperature", type=finite_float(0), default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=nonnegative_int, default=200, help="0 = no top-k filter")
+    ap.add_argument("--top-p", type=finite_float(0, 1, lo_open=True), default=1.0,
+                    help="nucleus sampling threshold in (0, 1]; 1 = off")
     ap.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--seed", type=nonnegative_int, default=1337)
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto | cpu | cuda")
     args = ap.parse_args(argv)
-    if not 0 < args.top_p <= 1 or args.temperature < 0 or args.top_k < 0 or args.num_samples < 1:
-        print("error: need 0 < --top-p <= 1, --temperature >= 0, --top-k >= 0, --num-samples >= 1", file=sys.stderr)
-        return 2
-    device = pick_device(args.device, 0)
     try:
+        check_device(args.device, "--device")
+        device = pick_device(args.device, 0)
         model, tok, _ = load_model(args.checkpoint, device)
-    except (FileNotFoundError, RuntimeError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, RuntimeError, *USER_ERRORS) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     ids = tok.encode(args.prompt) or [tok.eot_id]
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)

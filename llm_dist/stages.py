@@ -44,8 +44,8 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
     name = cfg.tokenizer.name
     try:
         return load_tokenizer(resolve_path(name) if name not in ("byte", "gpt2") else name)
-    except ValueError as e:  # an unknown name or a missing path: a config problem, said in one line
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # an unknown name, a missing path, a malformed file: a config problem, one line
+        raise ConfigError(f"tokenizer.name: {e}") from None
 
 
 def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # noqa: ANN001

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_dist.config import Config, ConfigError, load_config, parse_args
+from llm_dist.config import Config, ConfigError, apply_dict, load_config, parse_args
 from tests.helpers import REPO, run_launcher
 
 
@@ -86,7 +86,9 @@ def test_bad_input_found_after_start_up_is_one_line(tmp_path: Path) -> None:
     p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={tmp_path / 'run'}",
                       f"data.source={missing}", f"data.dir={tmp_path / 'data'}"], check=False)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines()[-1] == f"error: {missing}: input file not found"
+    assert p.stderr.strip().splitlines() == [  # both problems: no prepared data, and no source to build it from
+        f"error: data.source {missing}: input file not found; data.dir {tmp_path / 'data'} holds no prepared data "
+        "(no index.json) to train on instead"]
     p = run_launcher(["launch/pretrain.py", "--config", "configs/debug.yaml", f"out_dir={tmp_path / 'run'}",
                       "tokenizer.name=gtp2"], check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
@@ -106,6 +108,48 @@ def test_resume_model_check_reads_old_configs_onto_defaults() -> None:
     cfg.model.moe.num_experts = 4
     with pytest.raises(ConfigError, match=r"moe: .*'num_experts': 0.* -> .*'num_experts': 4"):
         check_model_matches(cfg, saved, "ck")
+
+
+def test_every_float_key_refuses_nan_and_inf() -> None:
+    """The float coercion refuses non-finite values for every key (loading.NONFINITE_OK lists exceptions)."""
+    import dataclasses
+    import typing
+
+    from llm_dist.config.loading import NONFINITE_OK
+
+    def floats(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from floats(hints[f.name], f"{prefix}{f.name}.")
+            elif hints[f.name] is float:
+                yield prefix + f.name
+
+    keys = [k for k in floats(Config) if k not in NONFINITE_OK]
+    assert len(keys) >= 30
+    for key in keys:
+        for bad in ("nan", "inf", "-inf", "NaN", "1e999"):
+            with pytest.raises(ConfigError, match=f"^{key}: expected a finite number"):
+                load_config(None, [f"{key}={bad}"])
+        nested: dict = {}
+        node = nested
+        *sections, leaf = key.split(".")
+        for name in sections:
+            node = node.setdefault(name, {})
+        node[leaf] = float("inf")  # as YAML's .inf arrives
+        with pytest.raises(ConfigError, match=f"^{key}: expected a finite number"):
+            apply_dict(Config(), nested)
+
+
+def test_yaml_duplicate_keys_refused_but_merge_keys_still_work(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("optim: {lr: 1.0e-3, lr: 2.0e-3}\n")
+    with pytest.raises(ConfigError, match=f"config file {dup} line 1: .*duplicate key 'lr'"):
+        load_config(str(dup))
+    from llm_dist.config.loading import safe_load_unique
+
+    # `<<: *anchor` merge keys may be overridden by explicit ones: not duplicates
+    assert safe_load_unique("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n") == {"a": {"b": 1, "c": 2}, "d": {"b": 3, "c": 2}}
 
 
 def test_shakespeare_char_gpu_is_nanogpts_recipe() -> None:

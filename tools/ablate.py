@@ -25,11 +25,17 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from llm_dist.config.loading import safe_load_unique  # noqa: E402
 
 
 def load_variants(path: Path) -> dict[str, list[str]]:
     """`name: [key=value, ...]` from a YAML mapping; raises SystemExit with one line on a bad file."""
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = safe_load_unique(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # a duplicate variant name would drop one silently
+        raise SystemExit(f"error: {path}: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise SystemExit(f"error: {path}: expected a mapping of variant name -> list of key=value overrides")
     return {str(k): [str(o) for o in v] for k, v in data.items()}

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from llm_dist.checkpoint.sharded import CheckpointReadError  # noqa: E402
 from llm_dist.checkpoint.tools import (DTYPES, CheckpointToolError, compare_logits, consolidate,  # noqa: E402
                                        convert, format_inspect, inspect)
+from llm_dist.cli_args import ArgumentParser  # noqa: E402 - one-line argparse errors, exit 2
 from llm_dist.config import ConfigError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -75,7 +76,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n")[0],
+    ap = ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n")[2:]))
     sub = ap.add_subparsers(dest="command", required=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import math
+import re
 import sys
 import typing
 from pathlib import Path
@@ -13,6 +16,11 @@ from typing import Any
 import yaml
 
 from llm_dist.config.schema import Config, ConfigError
+
+# Float keys that may legitimately be +-inf (none today): every other float setting must be finite, since a
+# nan or inf learning rate, coefficient or fraction passes every range check (nan compares False) and only
+# fails, or silently trains garbage, much later.
+NONFINITE_OK: frozenset[str] = frozenset()
 
 
 def _type_name(tp: Any) -> str:
@@ -37,13 +45,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            out = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 pass
+        if out is not None:
+            if not math.isfinite(out) and key not in NONFINITE_OK:
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return out
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -103,12 +116,44 @@ def apply_override(cfg: Config, arg: str) -> None:
             obj = getattr(obj, name)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: let SafeLoader report it as usual
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def safe_load_unique(text: str):  # noqa: ANN201 - whatever the YAML holds
+    """`yaml.safe_load`, except that a duplicate mapping key raises yaml.YAMLError (naming key and line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: str) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path}: is a directory; expected a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {path}: not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = safe_load_unique(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -170,29 +215,35 @@ def parse_args(argv: list[str] | None = None, default_config: str | None = None)
     return load_config(path, rest)
 
 
-def _section_paths(cls: type, prefix: str = "") -> dict[str, str]:
-    """Dataclass name -> dotted config path of every (nested) section below `cls`."""
-    out: dict[str, str] = {}
-    for name, tp in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            out[tp.__name__] = prefix + name
-            out.update(_section_paths(tp, prefix + name + "."))
+_FIELD_LINE = re.compile(r"^\s*(\w+)\s*:[^=#]*=\s*(.*?)\s*#\s*(.*)$")
+
+
+def field_comments(cls: type) -> dict[str, tuple[str, str]]:
+    """field name -> (default as written in the source, its one-line comment) for a schema dataclass."""
+    out: dict[str, tuple[str, str]] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            out[m.group(1)] = (m.group(2), m.group(3))
     return out
 
 
+def _help_lines(cls: type, prefix: str) -> list[str]:
+    lines: list[str] = []
+    comments = field_comments(cls)
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            lines.extend(_help_lines(tp, f"{prefix}{name}."))
+            continue
+        default, comment = comments.get(name, (None, ""))
+        if default is None:
+            default = repr(next(f.default for f in dataclasses.fields(cls) if f.name == name))
+        lines.append(f"{f'  {prefix}{name} = {default}':<44} # {comment}".rstrip())
+    return lines
+
+
 def help_text() -> str:
-    """Every key with its default and comment, read from this file's dataclasses."""
-    src = Path(__file__).read_text().splitlines()
-    lines = ["usage: [--config PATH] [section.key=value ...]", ""]
-    section = ""
-    paths = _section_paths(Config)  # "MoEConfig" -> "model.moe": nested sections print their dotted path
-    for line in src:
-        s = line.strip()
-        if s.startswith("class ") and s.endswith("Config:") and s != "class Config:":
-            section = paths.get(s[6:-1], s[6:-7].lower())  # "class ModelConfig:" -> "model"
-        elif section and ":" in s and "=" in s and "#" in s and not s.startswith(("def", "#", "raise", "if")):
-            name = s.split(":", 1)[0]
-            lines.append(f"  {section}.{name} = {s.split('=', 1)[1].split('#')[0].strip():<12} # {s.split('#', 1)[1].strip()}")
-        elif s.startswith("class Config"):
-            section = ""
-    return "\n".join(lines)
+    """Every key with its default and comment, read from the dataclasses of `llm_dist/config/schema.py`."""
+    head = ["usage: [--config PATH] [section.key=value ...]", "",
+            "Every key, its default and meaning (YAML sections or dotted key=value overrides):"]
+    return "\n".join(head + _help_lines(Config, ""))

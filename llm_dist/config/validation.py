@@ -52,16 +52,18 @@ def _validate_attn(m: ModelConfig) -> None:
 def _validate_moe(m: ModelConfig) -> None:
     e = m.moe
     _positive("model.moe.num_experts", e.num_experts, allow_zero=True)
-    if not e.num_experts:
-        return
-    if not 1 <= e.top_k <= e.num_experts:
-        raise ConfigError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.num_experts={e.num_experts}]")
+    # Signs and choices are checked even with MoE off: a nonsensical value is a mistake either way.
+    _positive("model.moe.top_k", e.top_k)
     _positive("model.moe.expert_hidden", e.expert_hidden, allow_zero=True)
     _choice("model.moe.router", e.router, ("softmax", "sigmoid"))
     for key in ("aux_loss_coef", "z_loss_coef", "capacity_factor"):
         _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
     _positive("model.moe.every_n_layers", e.every_n_layers)
     _positive("model.moe.first_dense_layers", e.first_dense_layers, allow_zero=True)
+    if not e.num_experts:
+        return
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} must be in [1, model.moe.num_experts={e.num_experts}]")
     if e.first_dense_layers >= m.n_layer:
         raise ConfigError(f"model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE layer "
                           f"(model.n_layer={m.n_layer})")
@@ -120,12 +122,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not 0.0 <= o.decay_fraction <= 1.0:
         raise ConfigError(f"optim.decay_fraction: expected a value in [0, 1], got {o.decay_fraction}")
 
+    _positive("train.seed", t.seed, allow_zero=True)  # seeds numpy's PCG64 (the data order), which needs >= 0
     _positive("train.max_steps", t.max_steps)
     _positive("train.batch_size", t.batch_size)
     _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.grad_clip", t.grad_clip, allow_zero=True)
     _positive("train.log_interval", t.log_interval)
     _positive("train.batch_ramp_tokens", t.batch_ramp_tokens, allow_zero=True)
+    _positive("train.batch_ramp_start", t.batch_ramp_start, allow_zero=True)
     _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16", "fp16"))
     _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune"))
     step = world_size * t.micro_batch_size
@@ -225,6 +229,7 @@ def _validate_rl(r: RLConfig) -> None:
     groups is checked by the GRPO stage itself (`llm_dist.rl.stage.check_batch`): other stages' batches need not."""
     _choice("rl.task", r.task, ("addition", "reverse", "gsm8k"))
     _positive("rl.task_level", r.task_level)
+    _positive("rl.task_seed", r.task_seed, allow_zero=True)
     for key in ("group_size", "max_new_tokens", "num_iterations", "eval_batch_size"):
         _positive(f"rl.{key}", getattr(r, key))
     for key in ("top_k", "rollout_batch_size", "eval_examples", "beta"):

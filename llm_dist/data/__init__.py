@@ -27,6 +27,7 @@ from llm_dist.data.prepare import (
     char_split_point,
     ensure_prepared,
     prepare_dataset,
+    use_or_prepare,
     val_by_hash,
 )
 from llm_dist.data.sources import DataPrepError, resolve_sources
@@ -46,6 +47,7 @@ __all__ = [
     "prepare_dataset",
     "read_index",
     "resolve_sources",
+    "use_or_prepare",
     "val_by_hash",
     "write_index",
     "write_token_dataset",

@@ -250,6 +250,10 @@ def read_index(data_dir: str | os.PathLike, verify_shards: bool = True) -> dict[
     for key in ("dtype", "vocab_size", "eot_id", "tokenizer", "splits", "total_tokens"):
         if key not in index:
             raise DataIndexError(f"{path}: index is missing the {key!r} field")
+    try:
+        _check_index_types(index)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataIndexError(f"{path}: malformed index ({type(e).__name__}: {e}); re-prepare the directory") from None
     if verify_shards:
         itemsize = np.dtype(index["dtype"]).itemsize
         for split, entry in index["splits"].items():
@@ -266,6 +270,23 @@ def read_index(data_dir: str | os.PathLike, verify_shards: bool = True) -> dict[
                         f"= {want} bytes (truncated or overwritten?)"
                     )
     return index
+
+
+def _check_index_types(index: dict[str, Any]) -> None:
+    """Raise (KeyError/TypeError/ValueError) unless the fields readers rely on have the right shapes."""
+    if np.dtype(index["dtype"]).kind != "u":
+        raise ValueError(f"dtype {index['dtype']!r} is not an unsigned integer type")
+    for key in ("vocab_size", "eot_id", "total_tokens"):
+        if not isinstance(index[key], int) or isinstance(index[key], bool) or index[key] < 0:
+            raise ValueError(f"{key} {index[key]!r} is not a non-negative integer")
+    if not isinstance(index["tokenizer"], dict) or not isinstance(index["splits"], dict):
+        raise TypeError("'tokenizer' and 'splits' must be objects")
+    for split, entry in index["splits"].items():
+        for shard in entry["shards"]:
+            if not isinstance(shard["file"], str) or not _SHARD_RE.match(shard["file"]):
+                raise ValueError(f"split {split!r} lists {shard['file']!r}, not a shard file name")
+            if not isinstance(shard["tokens"], int) or isinstance(shard["tokens"], bool) or shard["tokens"] < 0:
+                raise ValueError(f"split {split!r} shard {shard['file']} has tokens {shard['tokens']!r}")
 
 
 def clean_prepared_dir(out_dir: str | os.PathLike) -> list[str]:

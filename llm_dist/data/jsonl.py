@@ -9,13 +9,20 @@ from pathlib import Path
 
 def read_jsonl_rows(path: str | Path, error: type[Exception] = ValueError, limit: int = 0) -> list[tuple[object, str]]:
     """(parsed row, "file:line") for each non-blank line, at most `limit` (0 = all). Raises `error` with one
-    line for a missing file, invalid JSON or a file with no rows."""
+    line for a missing file, bytes that are not UTF-8 (with their byte offset), invalid JSON or a file with no rows."""
     p = Path(path)
     if not p.is_file():
         raise error(f"{path}: file not found")
     rows: list[tuple[object, str]] = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    offset = 0  # byte offset of the current line in the file
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{n}: not valid UTF-8 (byte offset {offset + e.start} in the file: "
+                            f"{raw[e.start:e.start + 1].hex()!r}); expected UTF-8 JSON lines") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:

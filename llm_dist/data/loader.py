@@ -27,10 +27,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from llm_dist.data.index import DataIndexError, read_index
+from llm_dist.data.index import INDEX_NAME, DataIndexError, read_index
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]
 STATE_VERSION = 1
+# Token ids are checked against the index's vocabulary when a loader opens: whole shards while a split's total
+# stays under this many tokens, the rest batch by batch (see TokenStream.check_ids).
+SCAN_IDS_MAX_TOKENS = 1 << 30
+_SCAN_CHUNK = 1 << 24
 
 
 class TokenStream:
@@ -48,6 +52,9 @@ class TokenStream:
         self._counts = np.asarray(self.counts, dtype=np.int64)
         self._maps: list[np.ndarray | None] = [None] * len(self.files)
         self._sliding_views: dict[tuple[int, int], np.ndarray] = {}
+        self.vocab_size: int | None = None  # set by check_ids
+        self._checked = [False] * len(self.files)  # shard j's ids were all scanned at start-up
+        self._all_checked = False  # every shard was: no per-batch check needed
 
     def __len__(self) -> int:
         return self._bounds[-1]
@@ -80,6 +87,48 @@ class TokenStream:
             need -= piece.size
             j, off = j + 1, 0
         return np.concatenate(parts)
+
+    def check_ids(self, vocab_size: int, max_scan_tokens: int | None = None) -> None:
+        """Raise DataIndexError naming the shard if any token id is >= vocab_size (a damaged or foreign shard
+        would otherwise fail as an IndexError deep inside the embedding, mid-training).
+
+        Each shard is scanned once, in chunks of the mapping (no copy of the whole file), while the split's
+        scanned total stays within `max_scan_tokens` (under 0.1 s per 100M cached tokens); beyond that the remaining
+        shards are checked batch by batch as they are read (`check_window_ids`).
+        """
+        self.vocab_size = int(vocab_size)
+        if self.dtype.kind == "u" and np.iinfo(self.dtype).max < vocab_size:
+            self._checked = [True] * len(self.files)  # no stored value can be out of range
+            self._all_checked = True
+            return
+        budget = SCAN_IDS_MAX_TOKENS if max_scan_tokens is None else max_scan_tokens
+        for j, n in enumerate(self.counts):
+            if n > budget:
+                return
+            budget -= n
+            m = self._shard(j)
+            for lo in range(0, n, _SCAN_CHUNK):
+                hi_id = int(m[lo:lo + _SCAN_CHUNK].max())
+                if hi_id >= vocab_size:
+                    pos = lo + int(np.argmax(m[lo:lo + _SCAN_CHUNK] >= vocab_size))
+                    raise DataIndexError(
+                        f"{self.files[j]}: token id {int(m[pos])} at position {pos} is outside the vocabulary of "
+                        f"{vocab_size} ids recorded in {INDEX_NAME} (damaged shard, or one from another dataset?); "
+                        "re-prepare the directory")
+            self._checked[j] = True
+        self._all_checked = all(self._checked)
+
+    def check_window_ids(self, win: np.ndarray, starts: np.ndarray) -> None:
+        """Cheap per-batch guard for shards too large for the start-up scan: one max() over the batch."""
+        if self._all_checked or self.vocab_size is None or not win.size or int(win.max()) < self.vocab_size:
+            return
+        row = int(np.argmax((win >= self.vocab_size).any(axis=1)))
+        col = int(np.argmax(win[row] >= self.vocab_size))
+        start = int(starts[row]) + col
+        j = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        raise DataIndexError(
+            f"{self.files[j]}: token id {int(win[row, col])} at position {start - self._bounds[j]} is outside the "
+            f"vocabulary of {self.vocab_size} ids recorded in {INDEX_NAME} (damaged shard?); re-prepare the directory")
 
     def fingerprint(self, tokenizer_fingerprint: str | None, probes: int = 64, width: int = 16) -> str:
         """Short hash of the stream's content: length plus tokens at fixed probe positions.
@@ -168,10 +217,11 @@ class ShardedLoader:
         self.n_tokens = len(self.stream)
         self.n_samples = (self.n_tokens - 1) // self.seq_len
         if self.n_samples < 1:
-            raise ValueError(
+            raise DataIndexError(
                 f"{self.data_dir}: split {split!r} has {self.n_tokens} tokens, fewer than seq_len + 1 = "
-                f"{self.seq_len + 1}: lower seq_len or prepare more data"
+                f"{self.seq_len + 1} (seq_len is the model's block_size): use a shorter context or prepare more data"
             )
+        self.stream.check_ids(self.vocab_size)
         self.data_fingerprint = self.stream.fingerprint(self.index["tokenizer"].get("fingerprint"))
         self._consumed = 0  # global positions consumed since epoch 0, slot 0
         self._perms: dict[int, np.ndarray] = {}
@@ -252,6 +302,7 @@ class ShardedLoader:
         """Windows of these samples as (x, y), int64 [len(sample_ids), seq_len] each, on self.device."""
         n, T = len(sample_ids), self.seq_len
         win = self.stream.gather(sample_ids * T, T + 1)  # [n, T+1] storage dtype
+        self.stream.check_window_ids(win, sample_ids * T)
         pin = self.device.type == "cuda"
         # Fresh buffers per call: a pinned buffer must not be refilled while its async copy may still be
         # running, and torch's caching host allocator makes the re-allocation cheap.

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from llm_dist.cli_args import max_processes, output_dir_problem
 from llm_dist.data.index import (
     INDEX_NAME,
     DataIndexError,
@@ -247,6 +248,23 @@ def _recipe_diff(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "index recipe differs"
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """DataPrepError unless `out_dir` is a directory or can be created as one (nothing is touched)."""
+    problem = output_dir_problem(out_dir)
+    if problem:
+        raise DataPrepError(problem)
+
+
+def _discard(out_dir: Path, created: bool) -> None:
+    """After a failed preparation: remove our shards and temp files, and the directory if we made it."""
+    clean_prepared_dir(out_dir)
+    if created:
+        try:
+            out_dir.rmdir()  # only if empty: never someone else's files
+        except OSError:
+            pass
+
+
 def prepare_dataset(
     out_dir: str | os.PathLike,
     sources: str | Sequence[str],
@@ -261,20 +279,29 @@ def prepare_dataset(
     log: Log | None = print,
     progress_interval: float = 5.0,
     chunk_chars: int = 1 << 20,
+    min_split_tokens: int = 0,
+    min_tokens_hint: str = "",
 ) -> dict[str, Any]:
     """Tokenize `sources` into shards under `out_dir` and return the index (a no-op if already prepared).
 
     sources: paths, globs or fsspec URLs of text / JSONL files. tokenizer: a Tokenizer or a
     `load_tokenizer` spec ("byte", "gpt2", a tokenizer file path). Raises DataPrepError on bad input and
-    when `out_dir` holds data prepared from something else (unless `overwrite`).
+    when `out_dir` holds data prepared from something else (unless `overwrite`). `min_split_tokens`: every
+    split must come out with at least this many tokens (a loader of context T needs T + 1), else nothing is
+    kept and the error says how many there are (`min_tokens_hint` is appended: how to fix it).
+    A failed preparation removes the shards it wrote, and `out_dir` itself if this call created it.
     """
-    if not 0.0 <= val_fraction < 1.0:
+    if not 0.0 <= val_fraction < 1.0:  # also false for nan
         raise DataPrepError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise DataPrepError(f"shard_tokens must be positive, got {shard_tokens}")
+    if not 1 <= num_proc <= max_processes():
+        raise DataPrepError(f"num_proc (--num-proc / data.num_proc) must be in [1, {max_processes()}] (4 x the "
+                            f"{os.cpu_count()} CPUs here), got {num_proc}")
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)  # before the (maybe slow) tokenizer load and before anything is written
     spec = tokenizer if isinstance(tokenizer, str) else None
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    out_dir = Path(out_dir)
     srcs = resolve_sources(sources, input_format)
     recipe = _recipe(srcs, tok, val_fraction, text_field)
 
@@ -295,16 +322,17 @@ def prepare_dataset(
                     f"{out_dir} holds data prepared from different inputs ({_recipe_diff(existing.get('recipe', {}), recipe)}); "
                     f"pass overwrite=True (--overwrite) to rebuild it, or choose another output directory"
                 )
+    single_text = len(srcs) == 1 and srcs[0].kind == "text"
+    if single_text:  # reads the whole file once (counting characters): a bad file fails before anything is written
+        pieces, rule = _single_file_pieces(srcs[0], val_fraction, chunk_chars)
+    else:
+        pieces, rule = _document_pieces(srcs, val_fraction, text_field)
+
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_prepared_dir(out_dir)  # index first, then stale shards/temps of an earlier run
     if removed and log:
         log(f"prepare_data: removed {len(removed)} files of an earlier or unfinished preparation in {out_dir}")
-
-    single_text = len(srcs) == 1 and srcs[0].kind == "text"
-    if single_text:
-        pieces, rule = _single_file_pieces(srcs[0], val_fraction, chunk_chars)
-    else:
-        pieces, rule = _document_pieces(srcs, val_fraction, text_field)
 
     dtype = dtype_for_vocab(tok.vocab_size)
     splits = SPLITS if val_fraction > 0 else ("train",)
@@ -334,16 +362,26 @@ def prepare_dataset(
                 consume(encoder.submit((split, *batch[split])))
         consume(encoder.drain())
         shard_lists = {s: w.close() for s, w in writers.items()}
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, Exception):  # bad input found mid-way; an interrupt leaves its shards for the re-run
+            _discard(out_dir, created)
         raise
     finally:
         encoder.close()
 
+    names = ", ".join(s.url for s in srcs[:3]) + (" ..." if len(srcs) > 3 else "")
     if progress.tokens["train"] == 0:
-        names = ", ".join(s.url for s in srcs[:3]) + (" ..." if len(srcs) > 3 else "")
+        _discard(out_dir, created)
         raise DataPrepError(f"empty input: no text (or no train documents) in {names}")
+    short = {s: writers[s].total_tokens for s in splits if writers[s].total_tokens < min_split_tokens}
+    if short:
+        _discard(out_dir, created)
+        got = ", ".join(f"{s} {n:,}" for s, n in short.items())
+        raise DataPrepError(
+            f"{names}: too little text: {got} tokens with tokenizer {tok.name!r}, but the loader needs at least "
+            f"{min_split_tokens:,} tokens (context length + 1) in each split{'; ' + min_tokens_hint if min_tokens_hint else ''}")
     if log and val_fraction > 0 and progress.tokens["val"] == 0:
         log(f"prepare_data: warning: val split is empty ({progress.docs['train']} documents, all hashed to train)")
 
@@ -362,6 +400,73 @@ def prepare_dataset(
     return index
 
 
+def use_or_prepare(
+    out_dir: str | os.PathLike,
+    sources: str | Sequence[str],
+    tokenizer: Tokenizer | str,
+    val_fraction: float = 0.1,
+    *,
+    dir_key: str = "data.dir",
+    source_key: str = "data.source",
+    log: Log | None = print,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The trainer's rule: a valid prepared directory is authoritative; the source is needed only to build one.
+
+    - `out_dir` holds a valid index (every shard present with its recorded size): it is used as is, whatever
+      the source's state (missing, touched, moved). If the source is there but its content differs (sizes,
+      not mtimes) or `val_fraction` differs from the index's, one note says the prepared data is used.
+    - otherwise (no index, or a damaged one) it is (re)built from `sources` with `prepare_dataset`; when the
+      source cannot be read either, the one-line DataPrepError names both problems.
+    Whether the tokenizer matches is the loader's check (`index["tokenizer"]["fingerprint"]`).
+    """
+    out_dir = Path(out_dir)
+    try:
+        index = read_index(out_dir)
+    except DataIndexError as e:
+        index, damage = None, e
+    if index is not None:
+        note = _recipe_note(index, sources, val_fraction, kwargs.get("input_format", "auto"), source_key)
+        if note and log:
+            log(f"note: {dir_key} {out_dir} is already prepared and is used as is; {note}")
+        return index
+    try:
+        resolve_sources(sources, kwargs.get("input_format", "auto"))
+    except DataPrepError as e:
+        if (out_dir / INDEX_NAME).exists():
+            raise DataPrepError(f"{dir_key} {out_dir} is damaged ({damage}), and {source_key} {e}, so it cannot be "
+                                "rebuilt") from None
+        raise DataPrepError(f"{source_key} {e}; {dir_key} {out_dir} holds no prepared data (no {INDEX_NAME}) to "
+                            "train on instead") from None
+    # No index, or a damaged one: (re)build it (prepare_dataset logs why it rebuilds).
+    return prepare_dataset(out_dir, sources, tokenizer, val_fraction, log=log, **kwargs)
+
+
+def _recipe_note(index: dict, sources: str | Sequence[str], val_fraction: float, input_format: str,
+                 source_key: str) -> str:
+    """What differs between the prepared data's recipe and today's source/settings ('' = nothing known)."""
+    recipe = index.get("recipe") or {}
+    notes = []
+    if recipe.get("val_fraction") is not None and float(recipe["val_fraction"]) != float(val_fraction):
+        notes.append(f"it was split with val_fraction {recipe['val_fraction']}, not {val_fraction}")
+    try:
+        srcs = resolve_sources(sources, input_format)
+    except DataPrepError:
+        srcs = None  # the source is gone: nothing to compare, and nothing needed
+    if srcs is not None and "sources" in recipe:
+        old = [(s.get("url"), s.get("size")) for s in recipe["sources"]]
+        new = [(s.url, s.size) for s in srcs]
+        if [u for u, _ in old] != [u for u, _ in new]:
+            notes.append(f"{source_key} now names other files than it was prepared from")
+        elif old != new:
+            url, size = next((u, n) for (u, n), (_, o) in zip(new, old) if n != o)
+            was = dict(old)[url]
+            notes.append(f"{source_key} {url} changed since (size {was} -> {size} bytes)")
+    if not notes:
+        return ""
+    return "; ".join(notes) + " (to rebuild: tools/prepare_data.py --overwrite, or another data.dir)"
+
+
 def ensure_prepared(
     out_dir: str | os.PathLike,
     sources: str | Sequence[str],
@@ -371,8 +476,9 @@ def ensure_prepared(
 ) -> dict[str, Any]:
     """Make sure `out_dir` holds `sources` prepared with `tokenizer`; return its index.
 
-    The trainer's start-up hook: call it on rank 0 only, then barrier, then build loaders on every rank.
-    Cheap when the data is already there (stats the inputs and reads the index). Keyword arguments are
+    Call it on rank 0 only, then barrier, then build loaders on every rank. Cheap when the data is already
+    there (stats the inputs and reads the index). The trainer uses `use_or_prepare` instead, for which a
+    valid prepared directory is enough (no source needed). Keyword arguments are
     those of `prepare_dataset` (shard_tokens, num_proc, text_field, overwrite, log, ...).
     """
     return prepare_dataset(out_dir, sources, tokenizer, val_fraction, **kwargs)

@@ -12,6 +12,7 @@ Bad input raises `DataPrepError` with one line naming the file, line and key at 
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
@@ -72,37 +73,56 @@ def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") ->
     out: list[SourceFile] = []
     for spec in specs:
         spec = str(spec)
-        fs, path = url_to_fs(spec)
-        if _has_magic(path):
-            paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
-            if not paths:
-                raise DataPrepError(f"{spec}: no input files match this glob")
-        else:
-            if not fs.exists(path):
-                raise DataPrepError(f"{spec}: input file not found")
-            if fs.isdir(path):
-                raise DataPrepError(f"{spec}: is a directory; pass a glob such as '{spec.rstrip('/')}/*.txt'")
-            paths = [path]
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        for p in paths:
-            info = fs.info(p)
-            url = p if local else fs.unstrip_protocol(p)
-            out.append(SourceFile(url=url, kind=_kind_of(url, input_format), size=info.get("size"), mtime=_mtime(info)))
+        try:
+            out.extend(_resolve_one(spec, input_format))
+        except DataPrepError:
+            raise
+        except (ImportError, ValueError, OSError) as e:  # no backend for the URL (s3fs...), bad URL, I/O error
+            raise DataPrepError(f"{spec}: cannot open it ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _resolve_one(spec: str, input_format: str) -> list[SourceFile]:
+    fs, path = url_to_fs(spec)
+    if _has_magic(path):
+        paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        if not paths:
+            raise DataPrepError(f"{spec}: no input files match this glob")
+    else:
+        if not fs.exists(path):
+            raise DataPrepError(f"{spec}: input file not found")
+        if fs.isdir(path):
+            raise DataPrepError(f"{spec}: is a directory; pass a glob such as '{spec.rstrip('/')}/*.txt'")
+        paths = [path]
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    out = []
+    for p in paths:
+        info = fs.info(p)
+        url = p if local else fs.unstrip_protocol(p)
+        out.append(SourceFile(url=url, kind=_kind_of(url, input_format), size=info.get("size"), mtime=_mtime(info)))
     return out
 
 
 def read_text_chunks(url: str, chunk_chars: int) -> Iterator[str]:
     """Stream a UTF-8 text file in pieces of `chunk_chars` characters, newlines kept byte-exact."""
-    try:
-        # newline="" keeps "\r\n" as is: the prepared tokens encode exactly the file's text.
-        with fsspec.open(url, "rt", encoding="utf-8", newline="", compression="infer") as f:
-            while True:
-                piece = f.read(chunk_chars)
-                if not piece:
-                    return
+    # Bytes are decoded here (not by a text wrapper) so that a bad byte is reported at its offset in the file;
+    # nothing is translated, so "\r\n" stays as is: the prepared tokens encode exactly the file's text.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pos = 0  # bytes read so far
+    with fsspec.open(url, "rb", compression="infer") as f:
+        while True:
+            raw = f.read(chunk_chars)
+            pending = len(decoder.getstate()[0])  # bytes of a split character held from the previous read
+            try:
+                piece = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason} at byte offset {pos - pending + e.start} "
+                                    "of the file); expected UTF-8 text") from None
+            pos += len(raw)
+            if piece:
                 yield piece
-    except UnicodeDecodeError as e:
-        raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason} at byte {e.start} of a read block)") from None
+            if not raw:
+                return
 
 
 def read_text_file(url: str) -> str:
@@ -112,28 +132,33 @@ def read_text_file(url: str) -> str:
 
 def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
     """Yield `obj[text_field]` for each non-blank line; raise a one-line error for any malformed line."""
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataPrepError(f"{url}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                if text_field not in obj:
-                    keys = ", ".join(sorted(obj)[:8]) or "none"
-                    raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field")
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise DataPrepError(
-                        f"{url}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
-                    )
-                yield text
-    except UnicodeDecodeError as e:
-        raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason})") from None
+    offset = 0  # byte offset of the current line (in the decompressed stream)
+    with fsspec.open(url, "rb", compression="infer") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataPrepError(f"{url}:{lineno}: not valid UTF-8 ({e.reason} at byte offset "
+                                    f"{offset + e.start} of the file); expected UTF-8 JSON lines") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataPrepError(f"{url}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                keys = ", ".join(sorted(obj)[:8]) or "none"
+                raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field "
+                                  "(data.text_field when training)")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise DataPrepError(
+                    f"{url}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+                )
+            yield text
 
 
 def split_at_safe_boundary(buf: str) -> int:

@@ -17,38 +17,42 @@ import sys
 from pathlib import Path
 
 from llm_dist import distributed as D
-from llm_dist.checkpoint.sharded import CheckpointReadError
+from llm_dist.cli import USER_ERRORS, check_device, check_output_dir
+from llm_dist.cli_args import ArgumentParser, nonnegative_int, one_line, positive_int
 from llm_dist.config import ConfigError
-from llm_dist.data.index import DataIndexError
 from llm_dist.data.loader import ShardedLoader
 from llm_dist.eval.lm import evaluate_lm, token_byte_lengths
-from llm_dist.eval.multiple_choice import MCFormatError, evaluate_mc, load_mc
+from llm_dist.eval.multiple_choice import evaluate_mc, load_mc
 from llm_dist.stages import resolve_path
 from llm_dist.train.trainer import resolve_dtype
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N), or a run dir: its newest checkpoint")
     ap.add_argument("--data-dir", default="", help="prepared data directory; '' = the checkpoint's data.dir")
     ap.add_argument("--split", default="val", help="split of --data-dir to evaluate (val, train, ...)")
-    ap.add_argument("--steps", type=int, default=0, help="global batches of the split; 0 = one full pass")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per rank per forward (LM evaluation)")
+    ap.add_argument("--steps", type=nonnegative_int, default=0, help="global batches of the split; 0 = one full pass")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="sequences per rank per forward (LM evaluation)")
     ap.add_argument("--no-lm", action="store_true", help="skip the loss / perplexity / bpb evaluation")
     ap.add_argument("--mc", default="", help="multiple-choice JSONL (HellaSwag or context/endings/label)")
-    ap.add_argument("--mc-examples", type=int, default=0, help="first N examples only; 0 = all")
-    ap.add_argument("--mc-batch-size", type=int, default=32, help="rows (one per ending) per forward")
+    ap.add_argument("--mc-examples", type=nonnegative_int, default=0, help="first N examples only; 0 = all")
+    ap.add_argument("--mc-batch-size", type=positive_int, default=32, help="rows (one per ending) per forward")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto | cpu | cuda")
     ap.add_argument("--out", default="", help="write the figures here as JSON")
     a = ap.parse_args(argv)
-    for key in ("steps", "mc_examples"):
-        if getattr(a, key) < 0:
-            ap.error(f"--{key.replace('_', '-')} must be >= 0")
-    for key in ("batch_size", "mc_batch_size"):
-        if getattr(a, key) < 1:
-            ap.error(f"--{key.replace('_', '-')} must be >= 1")
+    if a.no_lm and not a.mc:
+        ap.error("--no-lm without --mc leaves nothing to evaluate")
     return a
+
+
+def check_out_file(path: str) -> None:
+    """--out: a file that can be written (an existing directory, or a parent that cannot hold it, is refused)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--out {path}: is a directory; expected a JSON file path")
+    check_output_dir(str(p.parent), f"--out {path}: parent")
 
 
 def run(a: argparse.Namespace) -> dict[str, float]:
@@ -57,6 +61,9 @@ def run(a: argparse.Namespace) -> dict[str, float]:
 
     from llm_dist.sample import load_model
 
+    check_device(a.device, "--device")
+    if a.out:
+        check_out_file(a.out)
     mc = load_mc(resolve_path(a.mc), a.mc_examples) if a.mc else None  # a bad file fails before the model loads
     with D.runtime(a.device) as rt:
         model, tok, cfg = load_model(a.checkpoint, rt.device)
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     try:
         run(a)
-    except (MCFormatError, ConfigError, DataIndexError, CheckpointReadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (*USER_ERRORS, FileNotFoundError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     return 0

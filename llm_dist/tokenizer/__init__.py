@@ -31,6 +31,13 @@ __all__ = [
     "PATTERNS",
 ]
 
+class UnknownTokenizerError(TokenizerFileError):
+    """A tokenizer spec that is neither a known name nor a usable path (the message names the spec)."""
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+
+
 _EXPECTED = "expected 'byte', 'gpt2', a saved tokenizer .json file, a .tiktoken file or a folder with vocab.json + merges.txt"
 
 
@@ -42,6 +49,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     - a path to a file saved by `BPETokenizer.save` (JSON, see docs/tokenizer.md);
     - a path to a `.tiktoken` file (GPT-2 pattern, `<|endoftext|>` after the last rank);
     - a path to a folder holding vocab.json + merges.txt (GPT-2 / HF layout).
+
+    Anything else, and any malformed file, raises TokenizerFileError (a ValueError) with one line.
     """
     s = os.fspath(spec)
     if s == "byte":
@@ -52,9 +61,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     if path.is_dir():
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             return load_vocab_merges(path / "vocab.json", path / "merges.txt", name=path.name)
-        raise ValueError(f"tokenizer.name: folder {s!r} has no vocab.json + merges.txt; {_EXPECTED}")
+        raise UnknownTokenizerError(f"folder {s!r} has no vocab.json + merges.txt; {_EXPECTED}")
     if path.is_file():
         if path.suffix == ".tiktoken":
             return load_tiktoken_file(path)
         return load_bpe_file(path)
-    raise ValueError(f"tokenizer.name: unknown tokenizer {s!r} (not a known name or an existing path); {_EXPECTED}")
+    raise UnknownTokenizerError(f"unknown tokenizer {s!r} (not a known name or an existing path); {_EXPECTED}")

@@ -176,7 +176,7 @@ def test_errors_are_clear(tmp_path: Path) -> None:
         ShardedLoader(tmp_path / "nowhere", "train", 16, 8, 1)
     with pytest.raises(DataIndexError, match="split 'test' not present \\(splits: train, val\\)"):
         ShardedLoader(data, "test", 16, 8, 1)
-    with pytest.raises(ValueError, match="has 333 tokens, fewer than seq_len \\+ 1 = 334"):
+    with pytest.raises(DataIndexError, match="has 333 tokens, fewer than seq_len \\+ 1 = 334"):
         ShardedLoader(data, "val", 333, 8, 1)
     with pytest.raises(ValueError, match="global_batch 12 must be a positive multiple of .* = 8"):
         ShardedLoader(data, "train", 16, 12, 2, rank=1, world_size=4)
@@ -202,3 +202,23 @@ def test_resume_on_resharded_copy(tmp_path: Path) -> None:
     lb.load_state_dict(la.state_dict())
     for (xa, ya), (xb, yb) in zip(la.next_batch(), lb.next_batch()):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_ids_past_the_vocabulary_are_refused_naming_the_shard(tmp_path: Path, monkeypatch) -> None:
+    """A shard overwritten in place (right size, wrong ids) is caught when the loader opens, not as an
+    IndexError in the embedding; shards too large for the start-up scan are checked batch by batch."""
+    import llm_dist.data.loader as loader_mod
+
+    data, _ = make_stream(tmp_path, 1_000, shard_tokens=97)
+    shard = data / "val_000001.bin"
+    arr = np.fromfile(shard, dtype=np.uint16)
+    arr[5] = 60_000
+    arr.tofile(shard)
+    ShardedLoader(data, "train", 16, 8, 1)  # the other split is fine
+    with pytest.raises(DataIndexError, match=f"{shard}: token id 60000 at position 5 is outside the vocabulary"):
+        ShardedLoader(data, "val", 16, 8, 1)
+    monkeypatch.setattr(loader_mod, "SCAN_IDS_MAX_TOKENS", 0)
+    val = ShardedLoader(data, "val", 16, 8, 1)  # not scanned at start-up any more
+    with pytest.raises(DataIndexError, match=f"{shard}: token id 60000 at position 5"):
+        for _ in val.eval_batches():
+            pass

@@ -354,3 +354,43 @@ def test_chunk_cuts_preserve_pretokenization() -> None:
             pieces = [p for part in parts for p in regex.findall(pat, part)]
             assert pieces == regex.findall(pat, text), (pat, parts)
     assert n_cuts > 200  # the property was exercised, not vacuously true
+
+
+def test_training_uses_a_valid_prepared_dir_whatever_the_source(tmp_path: Path) -> None:
+    """use_or_prepare (the trainer's rule): a valid index is authoritative; the source only builds one."""
+    from llm_dist.data import use_or_prepare
+
+    src, out = tmp_path / "c.txt", tmp_path / "out"
+    src.write_text("hello there\nsmall world\n" * 200, encoding="utf-8")
+    idx = use_or_prepare(out, str(src), BYTE, 0.1, log=None)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def same() -> bool:
+        return {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    logs: list[str] = []
+    os.utime(src, (1, 1))  # touched: a new mtime, same content
+    assert use_or_prepare(out, str(src), BYTE, 0.1, log=logs.append) == idx and logs == [] and same()
+    src.write_text("hello there\nsmall world\n" * 201, encoding="utf-8")  # changed: one note, data used as is
+    assert use_or_prepare(out, str(src), BYTE, 0.1, log=logs.append) == idx and same()
+    assert len(logs) == 1 and f"{src} changed since (size 4800 -> 4824 bytes)" in logs[0]
+    assert "tools/prepare_data.py --overwrite" in logs[0]
+    src.unlink()  # missing: nothing needed
+    assert use_or_prepare(out, str(src), BYTE, 0.1, log=None) == idx and same()
+
+    victim = out / idx["splits"]["val"]["shards"][0]["file"]
+    victim.write_bytes(victim.read_bytes()[:10])  # damaged and no source: both named, nothing touched
+    with pytest.raises(DataPrepError) as e:
+        use_or_prepare(out, str(src), BYTE, 0.1, log=None)
+    assert f"data.dir {out} is damaged ({victim}: 10 bytes" in str(e.value)
+    assert f"data.source {src}: input file not found" in str(e.value)
+    src.write_text("fresh text\nfor a rebuild\n" * 100, encoding="utf-8")  # damaged, source back: rebuilt
+    assert use_or_prepare(out, str(src), BYTE, 0.1, log=None)["recipe"]["sources"][0]["size"] == src.stat().st_size
+
+
+def test_too_little_text_is_refused_before_anything_is_kept(tmp_path: Path) -> None:
+    src, out = tmp_path / "tiny.txt", tmp_path / "new" / "out"
+    src.write_text("hello world!", encoding="utf-8")
+    with pytest.raises(DataPrepError, match=r"train 11, val 3 tokens .* at least 17 tokens"):
+        prepare_dataset(out, str(src), BYTE, 0.1, log=None, min_split_tokens=17)
+    assert not out.exists()

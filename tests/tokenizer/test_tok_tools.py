@@ -36,5 +36,5 @@ def test_train_tokenizer_cli(tmp_path, shakespeare, capsys):
 
 
 def test_train_tokenizer_cli_rejects_missing_input(tmp_path):
-    with pytest.raises(SystemExit, match="matches no file"):
+    with pytest.raises(ValueError, match="matches no file"):
         _load_tool("train_tokenizer").main([str(tmp_path / "nope*.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json")])
