@@ -22,7 +22,7 @@ from llm_dist.data.index import DataIndexError
 from llm_dist.data.sources import DataPrepError
 from llm_dist.distributed import read_launch_env, world_size_from_env
 from llm_dist.eval.multiple_choice import MCFormatError
-from llm_dist.run_lock import RunLockError
+from llm_dist.run_lock import RunLockError, release_all
 from llm_dist.sft.chat import DataError
 from llm_dist.tokenizer import TokenizerFileError
 
@@ -99,5 +99,7 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
     except ENV_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(1)
+    finally:
+        release_all()  # the run directory's lock, whatever way the stage ended

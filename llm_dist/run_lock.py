@@ -17,6 +17,7 @@ A stale lock is moved aside atomically (`os.rename`, which only one contender ca
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -72,6 +73,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._created: list[Path] = []
 
     def _info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "job": _job_id(),
@@ -90,8 +92,10 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock or raise RunLockError. Returns a note when a stale lock was taken over."""
+        created = [p for p in [self.dir, *self.dir.parents] if not p.exists()]  # innermost first
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self._created = created  # removed again at release if the run left them empty (it stopped early)
         except OSError as e:
             raise RunLockError(f"out_dir {self.dir}: cannot create it ({e.strerror or e})") from None
         note = None
@@ -124,6 +128,7 @@ class RunLock:
                 f.flush()
                 os.fsync(f.fileno())
             self._held = True
+            _HELD.append(self)
             self._thread = threading.Thread(target=self._heartbeat, name="llm_dist-run-lock", daemon=True)
             self._thread.start()
             return note
@@ -141,6 +146,8 @@ class RunLock:
         if not self._held:
             return
         self._held = False
+        if self in _HELD:
+            _HELD.remove(self)
         self._stop.set()
         info, _ = self._read()
         if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
@@ -148,3 +155,21 @@ class RunLock:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+        for d in self._created:  # a run refused before writing anything leaves no empty out_dir behind
+            try:
+                d.rmdir()
+            except OSError:
+                break  # not empty (the run wrote something) or not ours to remove
+
+
+_HELD: list[RunLock] = []
+
+
+def release_all() -> None:
+    """Release every lock this process holds: the end of a stage, whatever way it ends (cli.run's `finally`,
+    and at interpreter exit for anything else)."""
+    for lock in list(_HELD):
+        lock.release()
+
+
+atexit.register(release_all)

@@ -6,7 +6,6 @@ Moved out of `llm_dist/pretrain.py` so that the post-training stages reuse the e
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -73,7 +72,6 @@ def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # 
         return EXIT_NONFINITE
     finally:
         logger.close()
-        release_run_locks()
     D.print0(f"{stage} {reason} at step {trainer.state.step}; run directory: {out_dir}")
     if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
         return EXIT_REQUEUE
@@ -222,7 +220,7 @@ def open_checkpoints(cfg: Config, trainer: Trainer, out_dir: Path, load_extra: C
 
 def lock_run_dir(out_dir: Path) -> RunLock:
     """Rank 0 takes the run directory's lock (every rank stops with the same one line when another live run
-    holds it); released at the end of `run_fit` or, on any other exit, at interpreter exit."""
+    holds it)."""
     lock = RunLock(out_dir)
     problem = None
     if D.is_main():
@@ -235,17 +233,7 @@ def lock_run_dir(out_dir: Path) -> RunLock:
     problem = D.agree_on_problem(problem)
     if problem is not None:
         raise RunLockError(problem)
-    atexit.register(lock.release)
-    _HELD_LOCKS.append(lock)
-    return lock
-
-
-_HELD_LOCKS: list[RunLock] = []
-
-
-def release_run_locks() -> None:
-    while _HELD_LOCKS:
-        _HELD_LOCKS.pop().release()
+    return lock  # released by cli.run (run_lock.release_all) or at interpreter exit
 
 
 def stage_throughput(cfg: Config, rt: Runtime, model: Transformer, amp_dtype: torch.dtype, seq_len: int

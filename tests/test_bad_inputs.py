@@ -125,6 +125,40 @@ def edit_index(**fields: object) -> Callable[[Path], None]:
     return damage
 
 
+def _ckpt(run: Path) -> Path:
+    return next((run / "checkpoints").iterdir())
+
+
+def flip_shard(run: Path) -> None:
+    """Same-size damage inside the checkpoint's shard file: only the checksums can see it."""
+    shard = next((_ckpt(run) / "dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(data))
+
+
+def reseal(rel: str, content: bytes) -> Callable[[Path], None]:
+    """Replace a checkpoint file and its recorded size and CRCs in meta.json (what someone able to write the
+    checkpoint can do), so the file's content itself must be refused."""
+    import zlib
+
+    def damage(run: Path) -> None:
+        ck = _ckpt(run)
+        (ck / rel).write_bytes(content)
+        meta = json.loads((ck / "meta.json").read_text())
+        meta["files"][rel] = len(content)
+        meta["checksums"]["files"][rel] = [f"{zlib.crc32(content) & 0xFFFFFFFF:08x}"]
+        (ck / "meta.json").write_text(json.dumps(meta))
+
+    return damage
+
+
+def lock_held_elsewhere(run: Path) -> None:
+    (run / ".lock").write_text(json.dumps({"host": "node7", "pid": 4242, "started": 0, "job": None}))
+
+
+RESUME = ["launch/pretrain.py", *TINY, "out_dir={tmp}/run", "train.max_steps=2"]
+
 SFT_ROW = '{"prompt": "1+1=", "response": "2"}\n'
 PAIR_ROW = '{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
 NOT_UTF8 = b'{"prompt": "caf\xe9", "response": "x"}\n'
@@ -319,6 +353,42 @@ CASES: list[Case] = [
     Case("ckpt-subcommand", ["tools/checkpoint.py", "frobnicate", "{run}"], "'frobnicate'", subprocess=True),
     Case("ckpt-dtype", ["tools/checkpoint.py", "convert", "{run}", "--out", "{tmp}/m.pt", "--dtype", "fp8"], "'fp8'"),
     Case("ckpt-missing-out", ["tools/checkpoint.py", "consolidate", "{run}"], "--out"),
+    # ---- checkpoints a run, generate, evaluate or a tool is pointed at (damaged, crafted, missing) -------
+    Case("resume-damaged-only", RESUME, "no checkpoint in {tmp}/run/checkpoints can be loaded", copy_run(flip_shard)),
+    Case("resume-damaged-subproc", RESUME, "checksum mismatch", copy_run(flip_shard), subprocess=True),
+    Case("resume-config-garbage", RESUME, "config.yaml: not a plain YAML mapping",
+         copy_run(reseal("config.yaml", b"model: [unclosed\n"))),
+    Case("resume-config-tagged", RESUME, "config.yaml: not a plain YAML mapping",
+         copy_run(reseal("config.yaml", b"!!python/object/apply:os.system ['touch MARKER']\n"))),
+    Case("resume-config-not-mapping", RESUME, "config.yaml: expected a mapping", copy_run(reseal("config.yaml", b"[1]"))),
+    Case("resume-tokenizer-garbage", RESUME, "tokenizer.json: not valid JSON",
+         copy_run(reseal("tokenizer.json", b"\x00{garbage"))),
+    Case("resume-tokenizer-path", RESUME, "'file' must be 'tokenizer.bpe.json'",
+         copy_run(reseal("tokenizer.json", json.dumps({"spec": "x", "fingerprint": "y",
+                                                       "file": "../../../etc/passwd"}).encode()))),
+    Case("resume-train-state", RESUME, "train_state.json: expected a JSON object",
+         copy_run(reseal("train_state.json", b"[1, 2]"))),
+    Case("resume-rng-garbage", RESUME, "rng/rank_0.pt: unreadable", copy_run(reseal("rng/rank_0.pt", b"not a zip"))),
+    Case("resume-meta-garbage", RESUME, "meta.json: unreadable",
+         copy_run(lambda run: (_ckpt(run) / "meta.json").write_bytes(b"{nope"))),
+    Case("resume-path-missing", ["launch/pretrain.py", *TINY, "checkpoint.resume={tmp}/nope"],
+         "checkpoint.resume={tmp}/nope: no such directory"),
+    Case("resume-path-empty-dir", ["launch/pretrain.py", *TINY, "out_dir={tmp}/o", "checkpoint.resume={tmp}/e"],
+         "checkpoint.resume={tmp}/e: no complete checkpoint there", write("e/x.txt", "not a checkpoint")),
+    Case("resume-path-file", ["launch/pretrain.py", *TINY, "out_dir={tmp}/o", "checkpoint.resume={src}"],
+         "checkpoint.resume={src}: not a directory"),
+    Case("out-dir-locked", RESUME, "is in use by another run (pid 4242 on node7", copy_run(lock_held_elsewhere)),
+    Case("gen-ckpt-damaged", ["launch/generate.py", "--checkpoint", "{tmp}/run"], "checksum mismatch",
+         copy_run(flip_shard)),
+    Case("gen-ckpt-config-tagged", ["launch/generate.py", "--checkpoint", "{tmp}/run"], "not a plain YAML mapping",
+         copy_run(reseal("config.yaml", b"!!python/object/apply:os.system ['touch MARKER']\n"))),
+    Case("eval-ckpt-damaged", ["launch/evaluate.py", "--checkpoint", "{tmp}/run", "--data-dir", "{data}"],
+         "checksum mismatch", copy_run(flip_shard)),
+    Case("ckpt-consolidate-damaged", ["tools/checkpoint.py", "consolidate", "{tmp}/run", "--out", "{tmp}/m.st"],
+         "checksum mismatch", copy_run(flip_shard)),
+    Case("ckpt-convert-config-dupkey", ["tools/checkpoint.py", "convert", "{tmp}/m.pt", "--out", "{tmp}/m.safetensors",
+                                        "--config", "{tmp}/c.yaml"], "c.yaml",
+         lambda tmp, world: ((tmp / "m.pt").write_bytes(b"x"), (tmp / "c.yaml").write_text("model: {}\nmodel: {}\n"))),
 ]
 
 

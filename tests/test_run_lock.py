@@ -123,3 +123,17 @@ def test_two_runs_started_together_one_wins(tmp_path: Path, prepared_byte_data: 
     loser = next(r for r in results if r[0] == 2)
     assert "is in use by another run" in loser[2] and "Traceback" not in loser[2]
     assert (run / "checkpoints" / "step_00000030" / "COMPLETE").exists()
+
+
+def test_a_directory_the_lock_created_goes_again_when_left_empty(tmp_path: Path) -> None:
+    """A run refused right after taking the lock (e.g. a bad resume path) must leave no empty out_dir behind;
+    a directory the run wrote into stays."""
+    lock = RunLock(tmp_path / "a" / "b")
+    lock.acquire()
+    lock.release()
+    assert not (tmp_path / "a").exists()
+    lock = RunLock(tmp_path / "c")
+    lock.acquire()
+    (tmp_path / "c" / "metrics.jsonl").write_text("{}\n")
+    lock.release()
+    assert (tmp_path / "c" / "metrics.jsonl").exists() and not (tmp_path / "c" / LOCK_NAME).exists()

@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from llm_dist.checkpoint import sharded
+from llm_dist.config.loading import safe_load_unique
 from llm_dist.checkpoint.manager import COMPLETE, read_json, resolve_checkpoint, verify
 
 FORMATS = ("dcp", "safetensors", "pt")
@@ -174,7 +175,11 @@ def read_run_config(url: str) -> dict:
     path = posixpath.join(root, "config.yaml")
     if not fs.exists(path):
         raise CheckpointToolError(f"{_join(url, 'config.yaml')}: missing (expected the run's resolved config)")
-    cfg = yaml.safe_load(fs.cat_file(path))
+    try:
+        cfg = yaml.safe_load(fs.cat_file(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointToolError(f"{_join(url, 'config.yaml')}: not a plain YAML mapping "
+                                  f"({' '.join(str(e).split())[:120]})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointToolError(f"{_join(url, 'config.yaml')}: not a run config (expected a mapping with 'model')")
     return cfg
@@ -527,9 +532,9 @@ def _yaml_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointToolError(f"{path}: no such file (expected a run config .yaml)")
     try:
-        cfg = yaml.safe_load(Path(path).read_text())
+        cfg = safe_load_unique(Path(path).read_text(encoding="utf-8"))  # a duplicate key is refused, not last-wins
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CheckpointToolError(f"{path}: not YAML ({type(e).__name__})") from None
+        raise CheckpointToolError(f"{path}: not YAML ({' '.join(str(e).split())[:160]})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointToolError(f"{path}: not a run config (expected a mapping with a 'model' section)")
     return cfg

@@ -278,7 +278,7 @@ class LossConfig:
     """How the language-model loss is computed from the final hidden states."""
 
     impl: str = "torch"  # torch (logits, then F.cross_entropy) | fused (chunked linear + cross-entropy: the (tokens x vocab) logits never exist at once)
-    chunk_size: int = 0  # fused: tokens per chunk; 0 = auto (a chunk's logits about the size of the hidden states)
+    chunk_size: int = 0  # fused: tokens per chunk; 0 = auto (fp32 chunk logits 1/8 of the full, 64-512 MiB)
 
 
 @dataclass
