@@ -15,6 +15,10 @@ mode the same state is saved `--trials` times into a fresh checkpoint directory:
 - staging cost, measured alone, to explain the async figure: one deep copy of the state into freshly
   allocated CPU memory (what DCP's default stager does on every async save) vs a copy into buffers that are
   already allocated (what a stager kept alive across saves would do).
+- checksums (the CRC-32s of meta.json): `--checksum-trials` sync saves and loads with `checksums` on and
+  off, alternating which goes first, medians compared; plus the seconds a caller actually waited for the
+  hashing beyond DCP's own writing/reading (it is overlapped with both, so this is ~0: the cost that remains
+  is the hashing thread competing for the cores). Goal: <= 5% of save and of load time.
 
 Throughput counts the bytes of the DCP shard files (the tensors) over the total time of a save or load.
 Writes and reads go through the page cache (24 GiB on the reference VM), so they measure memory + the
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from llm_dist import distributed as D  # noqa: E402
 from llm_dist.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
-from llm_dist.checkpoint import sharded  # noqa: E402
+from llm_dist.checkpoint import integrity, sharded  # noqa: E402
 from llm_dist.config import ModelConfig  # noqa: E402
 from llm_dist.model.transformer import build_model  # noqa: E402
 from llm_dist.tokenizer import ByteTokenizer  # noqa: E402
@@ -151,11 +155,13 @@ def bench_checksums(root: Path, state: dict, model: torch.nn.Module, opt: torch.
                     ) -> dict[str, dict[bool, list[float]]]:
     """Seconds of sync saves and loads with checksums on and off, alternating which goes first each trial, so
     a machine whose load drifts (other jobs, the page cache) penalises both alike."""
-    out: dict[str, dict[bool, list[float]]] = {"save": {True: [], False: []}, "load": {True: [], False: []}}
+    out: dict[str, dict[bool, list[float]]] = {"save": {True: [], False: []}, "load": {True: [], False: []},
+                                               "save_exposed": {True: []}, "load_exposed": {True: []}}
     for i in range(trials):
         for on in ((True, False) if i % 2 == 0 else (False, True)):
             mgr = CheckpointManager(str(root / ("on" if on else "off")), keep_last_k=1, checksums=on)
             D.barrier()
+            exposed = dict(integrity.EXPOSED_S)
             t0 = time.perf_counter()
             url = mgr.save(i + 1, state, {"trainer": {"step": i + 1}}, "out_dir: bench\n", ByteTokenizer(), "byte")
             D.barrier()
@@ -164,6 +170,9 @@ def bench_checksums(root: Path, state: dict, model: torch.nn.Module, opt: torch.
             load_checkpoint(url, model, opt, checksums=on)
             D.barrier()
             out["load"][on].append(time.perf_counter() - t0)
+            if on:  # what the caller waited for the checksums beyond DCP's own writing / reading
+                out["save_exposed"][True].append(integrity.EXPOSED_S["save"] - exposed["save"])
+                out["load_exposed"][True].append(integrity.EXPOSED_S["load"] - exposed["load"])
     return out
 
 
@@ -245,14 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     ratio = rows[1]["blocking_over_sync"]
     cost = {k: {"on_s": med(sums[k][True]), "off_s": med(sums[k][False]),
                 "median": med(sums[k][True]) / med(sums[k][False]) - 1,
-                "min": min(sums[k][True]) / min(sums[k][False]) - 1} for k in ("save", "load")}
+                "min": min(sums[k][True]) / min(sums[k][False]) - 1,
+                "exposed_s": med(sums[f"{k}_exposed"][True]),
+                "exposed": med(sums[f"{k}_exposed"][True]) / med(sums[k][True])} for k in ("save", "load")}
     report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "world_size": world, "params": n_params, "state_bytes_per_rank": nbytes, "checkpoint_bytes": ckpt_bytes,
               "trials": args.trials, "rows": rows, "staging": staging, "async_blocking_over_sync": ratio,
               "goal": "async blocking <= 10% of sync", "goal_met": ratio <= 0.10,
               "checksum_cost": cost, "hash_alone_s": hash_s,
               "checksum_goal": "checksums cost <= 5% of save and load time",
-              "checksum_trials": sums, "checksum_goal_met": all(v["median"] <= 0.05 for v in cost.values())}
+              "checksum_trials": {k: {str(o): v for o, v in d.items()} for k, d in sums.items()},
+              # judged on the whole save/load times (medians): overlapped hashing still competes for the cores
+              "checksum_goal_met": all(v["median"] <= 0.05 for v in cost.values())}
     if rank == 0:
         print(f"\ncheckpoint {ckpt_bytes / GB:.2f} GB on disk ({world} rank(s)); medians of {args.trials} trials\n")
         print("| mode | blocking s | vs sync | total s | save GB/s | load s | load GB/s | next step s | blocking per trial s |")
@@ -267,11 +280,14 @@ def main(argv: list[str] | None = None) -> int:
               f"buffers {staging['preallocated_copy_s']:.2f}s")
         print(f"\nchecksums: sync save and load with and without them, alternating, {args.checksum_trials} trials "
               f"each (CRC-32 per 64 MiB block; hashing every file of one checkpoint alone: {hash_s:.2f}s)\n")
-        print("| | with s (median) | without s (median) | cost (medians) | cost (best trials) |")
-        print("|---|---:|---:|---:|---:|")
+        print("| | with s (median) | without s (median) | difference (medians) | (best trials) "
+              "| waited for checksums s | = share of the time with them |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for k, c in cost.items():
-            print(f"| {k} | {c['on_s']:.2f} | {c['off_s']:.2f} | {100 * c['median']:+.1f}% | {100 * c['min']:+.1f}% |")
-        print(f"checksum cost <= 5% of save and load: {'met' if report['checksum_goal_met'] else 'NOT met'}")
+            print(f"| {k} | {c['on_s']:.2f} | {c['off_s']:.2f} | {100 * c['median']:+.1f}% | {100 * c['min']:+.1f}% "
+                  f"| {c['exposed_s']:.3f} | {100 * c['exposed']:.1f}% |")
+        verdicts = ", ".join(f"{k} {'met' if c['median'] <= 0.05 else 'NOT met'}" for k, c in cost.items())
+        print(f"checksum cost <= 5% of save and load time (medians): {verdicts}")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))

@@ -24,15 +24,22 @@ Where the work happens, so it costs little:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import posixpath
 import threading
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+# Seconds callers spent waiting for checksums beyond their own work (the part not overlapped with DCP's
+# writing or reading), summed over the process's saves and loads. A diagnostic for tools/bench_checkpoint.py:
+# it prices the checksums directly, where whole save times swing by 2x with the disk's writeback.
+EXPOSED_S = {"save": 0.0, "load": 0.0}
 
 ALGORITHM = "crc32"
 BLOCK_BYTES = 64 * 1024 * 1024
@@ -49,6 +56,20 @@ def _workers() -> int:
 
 
 def _crc_block(fs: fsspec.AbstractFileSystem, path: str, offset: int, length: int) -> str:
+    if isinstance(fs, LocalFileSystem):
+        # zlib reads the page cache through a memory map: no copy into Python bytes (~1.4x the throughput of
+        # reading, and less memory traffic competing with the load that runs beside it)
+        if length <= 0:
+            return f"{0:08x}"
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                crc, end = 0, min(offset + length, len(mm))
+                for pos in range(offset, end, 8 << 20):
+                    crc = zlib.crc32(view[pos:min(pos + (8 << 20), end)], crc)
+            finally:
+                view.release()  # before the map closes
+        return f"{crc & 0xFFFFFFFF:08x}"
     with fs.open(path, "rb") as f:
         f.seek(offset)
         crc, left = 0, length
@@ -88,7 +109,8 @@ def checksum_record(files: dict[str, list[str]], block_bytes: int = BLOCK_BYTES)
     return {"algorithm": ALGORITHM, "block_bytes": block_bytes, "files": dict(sorted(files.items()))}
 
 
-def verify_checksums(url: str, meta: dict, rels: Iterable[str] | None = None) -> str | None:
+def verify_checksums(url: str, meta: dict, rels: Iterable[str] | None = None, workers: int | None = None
+                     ) -> str | None:
     """None when every file (or the `rels` subset) hashes to its recorded blocks, else a line naming the first
     file that does not (and its first bad block). A checkpoint written before checksums existed has none to
     check: None (its sizes were checked by `verify`)."""
@@ -106,7 +128,7 @@ def verify_checksums(url: str, meta: dict, rels: Iterable[str] | None = None) ->
     for rel, path in paths.items():
         if not fs.exists(path):
             return f"checkpoint {url}/{rel}: missing"
-    got = file_checksums(fs, paths, block)
+    got = file_checksums(fs, paths, block, workers)
     for rel in names:
         if got[rel] != want[rel]:
             bad = next((i for i, (a, b) in enumerate(zip(got[rel], want[rel])) if a != b), min(len(got[rel]),
@@ -126,7 +148,8 @@ def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[s
     reported as the checksum mismatch (the cause), except for the error types in `keep`, which are raised as
     they are (with the mismatch appended when there is one)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        check: Future = pool.submit(verify_checksums, url, meta, rels)
+        # Half the cores (one on a 2-core machine): the load itself keeps the others busy.
+        check: Future = pool.submit(verify_checksums, url, meta, rels, max(1, (os.cpu_count() or 2) // 2))
         try:
             result = action()
         except keep as e:
@@ -141,7 +164,9 @@ def run_verified(url: str, meta: dict, action: Callable[[], T], rels: Iterable[s
             if problem is not None:  # the load failed *because* a file changed: say that, not the parser's words
                 raise ChecksumMismatch(problem) from None
             raise
+        t0 = time.perf_counter()
         problem = check.result()
+        EXPOSED_S["load"] += time.perf_counter() - t0
     if problem is not None:
         raise ChecksumMismatch(problem)
     return result
@@ -261,10 +286,12 @@ class DigestingWriterMixin:
                 follower.finish([])
             raise
         names = sorted({r.storage_data.relative_path for r in results})
+        t0 = time.perf_counter()
         if follower is not None:
             followed = follower.finish(names)
         else:  # a remote filesystem: read the files back once
             followed = file_checksums(fs, {n: posixpath.join(shard_dir, n) for n in names})
+        EXPOSED_S["save"] += time.perf_counter() - t0
         sums = {**{posixpath.join(self.sums_prefix, n): c for n, c in followed.items()}, **self.extra_sums}
         fs.makedirs(posixpath.join(root, SUMS_DIR), exist_ok=True)
         with fs.open(posixpath.join(root, SUMS_DIR, f"rank_{self.sums_rank}.json"), "wb") as f:
