@@ -149,6 +149,9 @@ def test_non_finite_state_is_refused_by_name(tmp_path: Path) -> None:
 def test_nonfinite_tensor_walks_nested_state() -> None:
     assert manager.nonfinite_tensor({"a": {"b": [torch.ones(2), torch.tensor([1.0, float("inf")])]}}) == "a.b.1"
     assert manager.nonfinite_tensor({"a": torch.tensor([1, 2]), "b": torch.zeros(3)}) is None  # ints are fine
+    big = torch.full((4,), 3e38)  # finite values whose sum overflows: not a false alarm
+    assert not torch.isfinite(big.sum()) and manager.nonfinite_tensor({"w": big}) is None
+    assert manager.nonfinite_tensor({"w": torch.tensor([float("inf"), float("-inf")])}) == "w"  # sum is NaN
 
 
 # -- pruning ---------------------------------------------------------------------------------------------
