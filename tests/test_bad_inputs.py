@@ -237,7 +237,7 @@ CASES: list[Case] = [
     Case("tokenizer-binary", ["launch/pretrain.py", *TINY, "tokenizer.name={tmp}/t.json"], "{tmp}/t.json",
          write("t.json", bytes(range(256)) * 4)),
     # ---- post-training stages: JSONL rows ----------------------------------------------------------
-    Case("sft-not-utf8", ["launch/sft.py", *TINY, "sft.data={tmp}/d.jsonl"], "{tmp}/d.jsonl:2: not valid UTF-8 (byte offset 51",
+    Case("sft-not-utf8", ["launch/sft.py", *TINY, "sft.data={tmp}/d.jsonl"], "{tmp}/d.jsonl:2: not valid UTF-8 (invalid continuation byte at byte offset 51",
          write("d.jsonl", SFT_ROW.encode() + NOT_UTF8), subprocess=True),
     Case("sft-missing", ["launch/sft.py", *TINY, "sft.data={tmp}/none.jsonl"], "{tmp}/none.jsonl"),
     Case("sft-bad-json", ["launch/sft.py", *TINY, "sft.data={tmp}/d.jsonl"], "{tmp}/d.jsonl:2",

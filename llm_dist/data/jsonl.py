@@ -5,6 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import IO, Iterator
+
+
+def utf8_lines(f: IO[bytes], where: str, error: type[Exception]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a binary stream; bytes that are not UTF-8 raise `error` with one
+    line naming `where`, the line and the byte offset in the (decompressed) file."""
+    offset = 0  # byte offset of the current line
+    for n, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{where}:{n}: not valid UTF-8 ({e.reason} at byte offset {offset + e.start} of the file: "
+                        f"{raw[e.start:e.start + 1].hex()!r}); expected UTF-8 JSON lines") from None
+        offset += len(raw)
+        yield n, line
 
 
 def read_jsonl_rows(path: str | Path, error: type[Exception] = ValueError, limit: int = 0) -> list[tuple[object, str]]:
@@ -14,15 +29,8 @@ def read_jsonl_rows(path: str | Path, error: type[Exception] = ValueError, limit
     if not p.is_file():
         raise error(f"{path}: file not found")
     rows: list[tuple[object, str]] = []
-    offset = 0  # byte offset of the current line in the file
     with p.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise error(f"{path}:{n}: not valid UTF-8 (byte offset {offset + e.start} in the file: "
-                            f"{raw[e.start:e.start + 1].hex()!r}); expected UTF-8 JSON lines") from None
-            offset += len(raw)
+        for n, line in utf8_lines(f, str(path), error):
             if not line.strip():
                 continue
             try:

@@ -21,6 +21,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.utils import infer_compression
 
+from llm_dist.data.jsonl import utf8_lines
+
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -132,15 +134,8 @@ def read_text_file(url: str) -> str:
 
 def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
     """Yield `obj[text_field]` for each non-blank line; raise a one-line error for any malformed line."""
-    offset = 0  # byte offset of the current line (in the decompressed stream)
     with fsspec.open(url, "rb", compression="infer") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataPrepError(f"{url}:{lineno}: not valid UTF-8 ({e.reason} at byte offset "
-                                    f"{offset + e.start} of the file); expected UTF-8 JSON lines") from None
-            offset += len(raw)
+        for lineno, line in utf8_lines(f, url, DataPrepError):
             if not line.strip():
                 continue
             try:

@@ -18,19 +18,9 @@ from llm_dist.checkpoint import CheckpointManager, find_latest, list_checkpoints
 from llm_dist.checkpoint import integrity, manager, sharded
 from llm_dist.checkpoint.manager import CheckpointWriteError, load_checkpoint_weights
 from llm_dist.checkpoint.sharded import CheckpointReadError
-from llm_dist.config import ModelConfig
 from llm_dist.model.transformer import build_model
 from llm_dist.tokenizer import ByteTokenizer
-
-
-def _model_opt(seed: int):
-    model = build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=16), "cpu", seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
-    model(x).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-    return model, opt
+from tests.checkpoint.tiny import TINY_MODEL, tiny_model_opt
 
 
 def _save(mgr: CheckpointManager, step: int, model, opt) -> str:
@@ -94,7 +84,7 @@ def test_following_a_growing_file_gives_the_finished_files_crcs(tmp_path: Path) 
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_every_file_of_a_checkpoint_has_its_checksums(tmp_path: Path, async_save: bool) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), async_save=async_save)
     url = _save(mgr, 3, model, opt)
     mgr.close()
@@ -108,42 +98,40 @@ def test_every_file_of_a_checkpoint_has_its_checksums(tmp_path: Path, async_save
 
 
 def test_same_size_overwrite_is_caught_and_named(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     url = _save(CheckpointManager(str(tmp_path)), 3, model, opt)
     shard = next((Path(url) / "dcp").glob("*.distcp"))
     _overwrite(shard, 1000, b"\xff" * 4096)
     assert verify(url) is None  # sizes alone: passes (the old hole)
     problem = verify(url, checksums=True)
     assert problem is not None and f"dcp/{shard.name}: checksum mismatch in bytes 0-" in problem
-    model2, opt2 = _model_opt(1)
+    model2, opt2 = tiny_model_opt(1)
     with pytest.raises(CheckpointReadError, match="checksum mismatch"):
         load_checkpoint(url, model2, opt2)
     with pytest.raises(CheckpointReadError, match="checksum mismatch"):
-        load_checkpoint_weights(build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2,
-                                                        block_size=16), "cpu"), url)
+        load_checkpoint_weights(build_model(TINY_MODEL, "cpu"), url)
 
 
 def test_checksums_off_writes_none_and_old_checkpoints_still_load(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     url = _save(CheckpointManager(str(tmp_path), checksums=False), 3, model, opt)
     meta = json.loads((Path(url) / "meta.json").read_text())
     assert "checksums" not in meta and verify(url, checksums=True) is None  # nothing recorded, sizes checked
-    model2, opt2 = _model_opt(1)
+    model2, opt2 = tiny_model_opt(1)
     load_checkpoint(url, model2, opt2)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
 def test_non_finite_state_is_refused_by_name(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     with torch.no_grad():
         model.blocks[1].mlp.up.weight[0, 0] = float("nan")
     url = _save(CheckpointManager(str(tmp_path)), 3, model, opt)  # checksums valid: the values are the problem
-    model2, opt2 = _model_opt(1)
+    model2, opt2 = tiny_model_opt(1)
     with pytest.raises(CheckpointReadError, match=r"blocks\.1\.mlp\.up\.weight holds NaN/Inf"):
         load_checkpoint(url, model2, opt2)
     with pytest.raises(CheckpointReadError, match="NaN/Inf"):
-        load_checkpoint_weights(build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2,
-                                                        block_size=16), "cpu"), url)
+        load_checkpoint_weights(build_model(TINY_MODEL, "cpu"), url)
 
 
 def test_nonfinite_tensor_walks_nested_state() -> None:
@@ -158,7 +146,7 @@ def test_nonfinite_tensor_walks_nested_state() -> None:
 
 
 def test_prune_never_counts_or_deletes_what_it_did_not_write(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), keep_last_k=2)
     s1 = _save(mgr, 1, model, opt)
     stray = tmp_path / "step_00000099"  # a stray directory holding only a marker, newer than everything
@@ -182,7 +170,7 @@ def test_prune_never_counts_or_deletes_what_it_did_not_write(tmp_path: Path) -> 
 
 
 def test_no_prune_when_the_new_checkpoint_does_not_verify(tmp_path: Path, monkeypatch) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), keep_last_k=1)
     s1 = _save(mgr, 1, model, opt)
     real_verify = manager.verify
@@ -196,7 +184,7 @@ def test_no_prune_when_the_new_checkpoint_does_not_verify(tmp_path: Path, monkey
 
 
 def test_full_disk_in_a_small_file_removes_the_partial(tmp_path: Path, monkeypatch) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path))
     s1 = _save(mgr, 1, model, opt)
     before = _tree_bytes(tmp_path)
@@ -217,7 +205,7 @@ def test_full_disk_in_a_small_file_removes_the_partial(tmp_path: Path, monkeypat
 def test_full_disk_inside_dcp_removes_the_partial(tmp_path: Path, monkeypatch) -> None:
     """DCP wraps each rank's error in a CheckpointException (a BaseException); torch.save's zip writer reports
     ENOSPC as 'unexpected pos', with the OSError underneath. Both must come out as one line."""
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path))
     _save(mgr, 1, model, opt)
     before = _tree_bytes(tmp_path)
@@ -243,7 +231,7 @@ def test_full_disk_inside_dcp_removes_the_partial(tmp_path: Path, monkeypatch) -
 
 
 def test_other_write_failures_are_one_line_too(tmp_path: Path, monkeypatch) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path))
 
     def denied(state, path, **kwargs):  # noqa: ANN001, ANN003

@@ -14,19 +14,8 @@ import torch
 from llm_dist.checkpoint import (CheckpointManager, find_latest, get_rng_state, list_checkpoints, load_checkpoint,
                                  load_checkpoint_tokenizer, set_rng_state, verify)
 from llm_dist.checkpoint import sharded
-from llm_dist.config import ModelConfig
-from llm_dist.model.transformer import build_model
 from llm_dist.tokenizer import ByteTokenizer
-
-
-def _model_opt(seed: int):
-    model = build_model(ModelConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, block_size=16), "cpu", seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
-    model(x).square().mean().backward()
-    opt.step()
-    opt.zero_grad()
-    return model, opt
+from tests.checkpoint.tiny import tiny_model_opt
 
 
 def _save(mgr: CheckpointManager, step: int, model, opt) -> str:
@@ -35,11 +24,11 @@ def _save(mgr: CheckpointManager, step: int, model, opt) -> str:
 
 
 def test_round_trip_restores_model_optimizer_and_state(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     url = _save(CheckpointManager(str(tmp_path)), 7, model, opt)
     assert Path(url).name == "step_00000007" and (Path(url) / "COMPLETE").is_file()
     assert verify(url) is None and not list(tmp_path.glob("*.tmp"))
-    model2, opt2 = _model_opt(1)
+    model2, opt2 = tiny_model_opt(1)
     ck = load_checkpoint(url, model2, opt2)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     assert model2.lm_head.weight is model2.tok_emb.weight  # tying survives the load
@@ -52,7 +41,7 @@ def test_round_trip_restores_model_optimizer_and_state(tmp_path: Path) -> None:
 
 
 def test_incomplete_and_truncated_checkpoints_are_skipped(tmp_path: Path, capsys) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), keep_last_k=0)
     good = _save(mgr, 1, model, opt)
     newer = _save(mgr, 2, model, opt)
@@ -70,7 +59,7 @@ def test_incomplete_and_truncated_checkpoints_are_skipped(tmp_path: Path, capsys
 
 
 def test_crash_during_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), keep_last_k=1)
     first = _save(mgr, 10, model, opt)
     before = {p: p.read_bytes() for p in Path(first).rglob("*") if p.is_file()}
@@ -93,7 +82,7 @@ def test_crash_during_write_leaves_previous_checkpoint_intact(tmp_path: Path, mo
 
 
 def test_keep_last_k_and_covered_incomplete_dirs(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), keep_last_k=2)
     _save(mgr, 10, model, opt)
     (tmp_path / "step_00000015.tmp").mkdir()  # older than the next complete one: covered, removed
@@ -103,7 +92,7 @@ def test_keep_last_k_and_covered_incomplete_dirs(tmp_path: Path) -> None:
 
 
 def test_async_save_finalises_in_the_background(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     mgr = CheckpointManager(str(tmp_path), async_save=True)
     url = _save(mgr, 5, model, opt)
     # Training goes on: forward/backward may run during the copy; before the next optimizer step (the
@@ -114,8 +103,8 @@ def test_async_save_finalises_in_the_background(tmp_path: Path) -> None:
             p.add_(1.0)
     mgr.wait()
     assert verify(url) is None
-    fresh, fresh_opt = _model_opt(0)  # same seed, same single step: the state that was saved
-    model2, opt2 = _model_opt(3)
+    fresh, fresh_opt = tiny_model_opt(0)  # same seed, same single step: the state that was saved
+    model2, opt2 = tiny_model_opt(3)
     load_checkpoint(url, model2, opt2)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model2.parameters()))
     assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
@@ -126,11 +115,11 @@ def test_async_save_finalises_in_the_background(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_fsspec_urls(tmp_path: Path, scheme: str) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     root = f"file://{tmp_path}/ck" if scheme == "file" else "memory://llm_dist_test/ck"
     url = _save(CheckpointManager(root), 3, model, opt)
     assert url.startswith(f"{scheme}://") and find_latest(root) == url
-    model2, opt2 = _model_opt(1)
+    model2, opt2 = tiny_model_opt(1)
     load_checkpoint(url, model2, opt2)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
@@ -141,11 +130,11 @@ class _Evil:
 
 
 def test_tampered_metadata_is_refused_not_executed(tmp_path: Path) -> None:
-    model, opt = _model_opt(0)
+    model, opt = tiny_model_opt(0)
     url = _save(CheckpointManager(str(tmp_path)), 1, model, opt)
     (Path(url) / "dcp" / ".metadata.json").unlink()  # now looks like a legacy checkpoint with a pickled index
     (Path(url) / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil()))
-    model2, opt2 = _model_opt(1)
+    model2, opt2 = tiny_model_opt(1)
     with pytest.raises(sharded.UnsafeCheckpointError,
                        match=r"step_00000001/dcp/\.metadata: refers to (posix|os)\.system, which a checkpoint may not"):
         load_checkpoint(url, model2, opt2)
