@@ -14,6 +14,18 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_tool(name: str):  # noqa: ANN201 - the tool's module
+    """`tools/<name>.py` as a module (tools/ is not a package), registered in sys.modules so its dataclasses
+    resolve their annotations."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: CPU only, one thread per rank (2 ranks share 2 cores)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_", "MASTER_"))}

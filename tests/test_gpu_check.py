@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import subprocess
 import sys
@@ -11,16 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, cpu_env
+from tests.helpers import REPO, cpu_env, load_tool
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("tool_gpu_check", REPO / "tools" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("gpu_check")
 
 
 def fake_nanogpt(root: Path, bench_keys: tuple[str, ...] = ("real_data", "compile", "batch_size")) -> Path:

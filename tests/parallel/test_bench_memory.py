@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
@@ -13,19 +11,14 @@ from llm_dist.config import load_config
 from llm_dist.distributed import Runtime
 from llm_dist.parallel import build_parallel_model
 from llm_dist.train.trainer import causal_lm_loss
-from tests.helpers import REPO
+from tests.helpers import load_tool
 
 F32 = 4  # bytes per fp32 element
 
 
 @pytest.fixture(scope="module")
 def bm():
-    """The tool as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("tool_bench_memory", REPO / "tools" / "bench_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_memory")
 
 
 class TiedNet(nn.Module):

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from tok_helpers import REPO
 
 from llm_dist.tokenizer import load_tokenizer
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import load_tool
 
 
 def test_train_tokenizer_cli(tmp_path, shakespeare, capsys):
     for i in range(3):
         (tmp_path / f"part{i}.txt").write_text(shakespeare[i * 40_000 : (i + 1) * 40_000], encoding="utf-8")
     out = tmp_path / "tok.json"
-    summary = _load_tool("train_tokenizer").main([
+    summary = load_tool("train_tokenizer").main([
         str(tmp_path / "part*.txt"), "--vocab-size", "400", "--pattern", "cl100k",
         "--special", "<|pad|>", "--num-proc", "2", "--out", str(out), "--quiet",
     ])
@@ -37,4 +28,4 @@ def test_train_tokenizer_cli(tmp_path, shakespeare, capsys):
 
 def test_train_tokenizer_cli_rejects_missing_input(tmp_path):
     with pytest.raises(ValueError, match="matches no file"):
-        _load_tool("train_tokenizer").main([str(tmp_path / "nope*.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json")])
+        load_tool("train_tokenizer").main([str(tmp_path / "nope*.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t.json")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,16 +11,12 @@ import pytest
 
 from llm_dist.config import load_config
 from llm_dist.model.transformer import Transformer
-from tests.helpers import REPO, cpu_env
+from tests.helpers import REPO, cpu_env, load_tool
 
 
 @pytest.fixture(scope="module")
 def bt():
-    spec = importlib.util.spec_from_file_location("tool_bench_train", REPO / "tools" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_train")
 
 
 def test_overrides_map_the_sweep_axes(bt) -> None:

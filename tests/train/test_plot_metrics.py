@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import load_tool
 
 pytest.importorskip("matplotlib", reason="tools/plot_metrics.py needs matplotlib (the dev extra installs it)")
 
 
 @pytest.fixture(scope="module")
 def pm():
-    spec = importlib.util.spec_from_file_location("tool_plot_metrics", REPO / "tools" / "plot_metrics.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("plot_metrics")
 
 
 def write_run(d: Path, records: list[dict], torn_tail: str = "") -> Path:
