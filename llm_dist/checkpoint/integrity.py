@@ -190,10 +190,14 @@ class FollowingChecksums:
         self.dir, self.prefix, self.block, self.poll_s = directory, prefix, block_bytes, poll_s
         self._files: dict[str, tuple[int, int, list[str], int]] = {}  # name -> (fd, offset, crcs, running crc)
         self._done = threading.Event()
+        self._stale: set[str] = set()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="llm_dist-checksums", daemon=True)
 
     def start(self) -> "FollowingChecksums":
+        # Files already there (left by a crashed save on node-local storage, where rank 0 cannot clean them)
+        # are hashed only once the writer is done: rewritten in place, a stale prefix could not be told apart.
+        self._stale = set(self._names())
         self._thread.start()
         return self
 
@@ -207,7 +211,18 @@ class FollowingChecksums:
                 return False
             self._files[name] = (fd, 0, [], 0)
         fd, offset, crcs, crc = self._files[name]
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        try:
+            replaced = os.stat(path).st_ino != st.st_ino  # a new file under the name: follow that one
+        except FileNotFoundError:
+            replaced = False
+        if replaced:
+            os.close(fd)
+            del self._files[name]
+            return self._advance(name, final)
+        size = st.st_size
+        if size < offset:  # truncated and rewritten (a stale file from a crashed save reopened with "wb")
+            offset, crcs, crc = 0, [], 0
         progressed = False
         while offset < size:
             end_of_block = (offset // self.block + 1) * self.block
@@ -234,7 +249,7 @@ class FollowingChecksums:
     def _run(self) -> None:
         try:
             while not self._done.is_set():
-                if not any([self._advance(n, final=False) for n in self._names()]):
+                if not any([self._advance(n, final=False) for n in self._names() if n not in self._stale]):
                     self._done.wait(self.poll_s)
         except BaseException as e:  # noqa: BLE001 - reported by finish(), on the writer's thread
             self._error = e
@@ -283,7 +298,10 @@ class DigestingWriterMixin:
             results = fut.wait()  # FileSystemWriter writes synchronously and returns a completed future
         except BaseException:
             if follower is not None:
-                follower.finish([])
+                try:
+                    follower.finish([])
+                except Exception:  # noqa: BLE001 - DCP's own error is the one to report
+                    pass
             raise
         names = sorted({r.storage_data.relative_path for r in results})
         t0 = time.perf_counter()

@@ -46,7 +46,11 @@ from llm_dist.model.layers import MLP, _init_linear, make_linear, mlp_hidden_siz
 def load_balance_loss(scores: torch.Tensor, experts: torch.Tensor, num_experts: int, router: str) -> torch.Tensor:
     """Switch load-balancing loss E * sum_e f_e * P_e. scores: (N, E) router scores; experts: (N, k) chosen ids."""
     N, k = experts.shape
-    f = torch.bincount(experts.reshape(-1), minlength=num_experts).to(scores.dtype) / (N * k)  # (E,) no grad
+    flat = experts.reshape(-1)  # (N*k,)
+    # scatter_add, not bincount: bincount reads the max id back to size its output (a host sync on CUDA)
+    counts = torch.zeros(num_experts, dtype=scores.dtype, device=scores.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=scores.dtype))  # (E,)
+    f = counts / (N * k)  # (E,) no grad
     probs = scores if router == "softmax" else scores / scores.sum(dim=-1, keepdim=True)  # (N, E)
     P = probs.mean(dim=0)  # (E,)
     return num_experts * (f * P).sum()

@@ -206,7 +206,8 @@ class Trainer:
         # model's routing statistics) in one float64 vector. fp32 -> float64 is exact, so the values equal
         # what separate .item() calls would give.
         extra = self.raw_model.extra_metric_tensor() if hasattr(self.raw_model, "extra_metric_tensor") else None
-        host = torch.cat([torch.stack([loss_sum.double(), grad_norm.float().double()]), counts,
+        # grad_norm may live elsewhere (CPU offload, or a CPU zero when no parameter has a gradient)
+        host = torch.cat([torch.stack([loss_sum.double(), grad_norm.to(loss_sum.device).double()]), counts,
                           *([extra[1].double()] if extra is not None else [])]).tolist()
         loss_val, norm_val = host[0], host[1]
         n_global, tokens, stop_votes = (int(v) for v in host[2:5])

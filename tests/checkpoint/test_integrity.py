@@ -82,6 +82,29 @@ def test_following_a_growing_file_gives_the_finished_files_crcs(tmp_path: Path) 
     assert got == want and len(got["__0_0.distcp"]) == 9 and got["__0_2.distcp"] == integrity.crc_bytes(b"")
 
 
+def test_following_restarts_on_a_stale_file_rewritten_or_replaced(tmp_path: Path) -> None:
+    """A stale shard left by a crashed save (node-local storage, where rank 0 cannot clean it) that the writer
+    truncates, or replaces, must not leave its old bytes in the recorded CRCs."""
+    (tmp_path / "__0_0.distcp").write_bytes(os.urandom(5000))
+    (tmp_path / "__0_1.distcp").write_bytes(os.urandom(5000))
+    (tmp_path / "__0_2.distcp").write_bytes(os.urandom(2000))
+    follower = integrity.FollowingChecksums(str(tmp_path), "__0_", block_bytes=3000, poll_s=0.001).start()
+    import time
+
+    time.sleep(0.05)  # the follower has read the stale bytes
+    new = {"__0_0.distcp": os.urandom(4000), "__0_1.distcp": os.urandom(3500), "__0_2.distcp": os.urandom(7000)}
+    (tmp_path / "__0_0.distcp").write_bytes(new["__0_0.distcp"])  # truncated in place, shorter
+    (tmp_path / "__0_1.distcp").unlink()
+    (tmp_path / "__0_1.distcp").write_bytes(new["__0_1.distcp"])  # a new file under the old name
+    with open(tmp_path / "__0_2.distcp", "wb") as f:  # truncated in place, then longer than before
+        for i in range(0, 7000, 500):
+            f.write(new["__0_2.distcp"][i:i + 500])
+            f.flush()
+            time.sleep(0.002)
+    got = follower.finish(sorted(new))
+    assert got == {name: integrity.crc_bytes(data, 3000) for name, data in new.items()}
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_every_file_of_a_checkpoint_has_its_checksums(tmp_path: Path, async_save: bool) -> None:
     model, opt = tiny_model_opt(0)
