@@ -15,8 +15,8 @@ import torch
 from llm_dist import distributed as D
 from llm_dist.checkpoint import (CheckpointManager, list_checkpoints, load_checkpoint, load_checkpoint_tokenizer,
                                  read_config_dict, resolve_checkpoint, set_rng_state, verify)
-from llm_dist.checkpoint.manager import explain_missing
-from llm_dist.checkpoint.sharded import CheckpointReadError, UnsafeCheckpointError
+from llm_dist.checkpoint.manager import explain_missing, warn_incomplete, without_url
+from llm_dist.checkpoint.sharded import CheckpointReadError, UnsafeCheckpointError, one_line
 from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
 from llm_dist.distributed import Runtime
 from llm_dist.run_lock import RunLock, RunLockError
@@ -96,20 +96,12 @@ def resume_candidates(cfg: Config, ckpt_dir: str) -> list[str]:
         return []
     if r == "auto":
         complete, incomplete = list_checkpoints(ckpt_dir)
-        newest = _step_num(complete[-1]) if complete else -1
-        for url in incomplete:
-            if _step_num(url) > newest:
-                D.warn0(f"checkpoint {url} is incomplete (no COMPLETE marker): skipped")
+        warn_incomplete(complete, incomplete)
         return list(reversed(complete))
     url = resolve_checkpoint(resolve_path(r))
     if url is None:
         raise CheckpointReadError(f"checkpoint.resume={r}: {explain_missing(resolve_path(r))}")
     return [url]
-
-
-def _step_num(url: str) -> int:
-    tail = url.rstrip("/").rsplit("/", 1)[-1]
-    return int(tail[5:13]) if tail[5:13].isdigit() else -1
 
 
 # Model keys that change how the same parameters are computed, not which parameters exist: free to differ.
@@ -153,14 +145,8 @@ def _try_load(cfg: Config, trainer: Trainer, url: str, tokenizer: Tokenizer | No
             load_extra(ck["train_state"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointReadError(f"checkpoint {url}/train_state.json: unusable ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:160]})") from None
+                                  f"{one_line(e, 160)})") from None
     return ck
-
-
-def _without_prefix(why: str, url: str) -> str:
-    """'checkpoint <url>/dcp/x: problem' -> 'dcp/x: problem' (the url is said once, before it)."""
-    head = f"checkpoint {url}"
-    return why[len(head):].lstrip("/: ") if why.startswith(head) else why
 
 
 def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: int,
@@ -183,7 +169,7 @@ def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: i
         except CheckpointReadError as e:  # the same verdict on every rank (files are shared, DCP agrees)
             failures.append((url, str(e)))
             continue
-        for bad, why in failures:  # said only now: when nothing loads, the one error line below says it all
+        for _, why in failures:  # said only now: when nothing loads, the one error line below says it all
             D.warn0(f"{why}: skipped, resumed from an older checkpoint")
         if ck["rng"] is not None and ck["meta"].get("world_size") == world:
             set_rng_state(ck["rng"])
@@ -194,7 +180,7 @@ def resume_run(cfg: Config, trainer: Trainer, ckpt_dir: str, rank: int, world: i
         return url
     if failures:
         where = ckpt_dir if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume
-        each = "; ".join(f"{url.rstrip('/').rsplit('/', 1)[-1]}: {_without_prefix(why, url)}" for url, why in failures)
+        each = "; ".join(f"{url.rstrip('/').rsplit('/', 1)[-1]}: {without_url(why, url)}" for url, why in failures)
         raise CheckpointReadError(
             f"checkpoint.resume={cfg.checkpoint.resume}: no checkpoint in {where} can be loaded ({each}). "
             "Nothing was changed; fix or move them, or start over with checkpoint.resume=never")

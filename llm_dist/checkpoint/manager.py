@@ -42,7 +42,7 @@ import yaml
 from llm_dist import distributed as D
 from llm_dist.checkpoint import integrity, sharded
 from llm_dist.checkpoint.rng import get_rng_state
-from llm_dist.checkpoint.sharded import CheckpointReadError
+from llm_dist.checkpoint.sharded import CheckpointReadError, one_line
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
@@ -115,7 +115,7 @@ def _read_meta(fs: fsspec.AbstractFileSystem, root: str, url: str) -> tuple[dict
     except FileNotFoundError:
         return None, f"checkpoint {url}: no meta.json (not written by this format, or damaged)"
     except Exception as e:  # noqa: BLE001 - any unreadable meta means an unusable checkpoint
-        return None, f"checkpoint {url}/meta.json: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        return None, f"checkpoint {url}/meta.json: unreadable ({type(e).__name__}: {one_line(e, 200)})"
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict) or not meta["files"]:
         return None, f"checkpoint {url}/meta.json: no file list (not written by this format, or damaged)"
     return meta, None
@@ -144,14 +144,26 @@ def verify(url: str, checksums: bool = False) -> str | None:
     return integrity.verify_checksums(url, meta) if checksums else None
 
 
+def warn_incomplete(complete: list[str], incomplete: list[str]) -> None:
+    """Say which incomplete checkpoints (from `list_checkpoints`) are newer than the newest complete one: the
+    ones a user may expect a resume to use."""
+    newest = _step_of(complete[-1]) if complete else -1
+    for url in incomplete:
+        if _step_of(url) > newest:
+            D.warn0(f"checkpoint {url} is incomplete (no {COMPLETE} marker): skipped")
+
+
+def without_url(why: str, url: str) -> str:
+    """'checkpoint <url>/dcp/x: problem' -> 'dcp/x: problem', for lines that name the checkpoint already."""
+    head = f"checkpoint {url}"
+    return why[len(head):].lstrip("/: ") if why.startswith(head) else why
+
+
 def find_latest(ckpt_dir: str, report: bool = True) -> str | None:
     """Newest complete checkpoint that passes `verify`; incomplete/corrupt ones are reported and skipped."""
     complete, incomplete = list_checkpoints(ckpt_dir)
-    newest = _step_of(complete[-1]) if complete else -1
     if report:
-        for url in incomplete:
-            if _step_of(url) > newest:
-                D.warn0(f"checkpoint {url} is incomplete (no {COMPLETE} marker): skipped")
+        warn_incomplete(complete, incomplete)
     for url in reversed(complete):
         problem = verify(url)
         if problem is None:
@@ -183,7 +195,7 @@ def explain_missing(path: str) -> str:
         return "not a directory"
     problem = verify(path)
     if problem is not None and fs.exists(posixpath.join(root, COMPLETE)):
-        return problem.split(": ", 1)[-1] if problem.startswith(f"checkpoint {path}:") else problem
+        return without_url(problem, path)
     return "no complete checkpoint there (expected a step_N dir, a checkpoints dir or a run dir)"
 
 
@@ -195,7 +207,7 @@ def read_json(url: str, name: str) -> dict:
     except FileNotFoundError:
         raise CheckpointReadError(f"checkpoint {url}/{name}: missing") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointReadError(f"checkpoint {url}/{name}: not valid JSON ({' '.join(str(e).split())[:120]})"
+        raise CheckpointReadError(f"checkpoint {url}/{name}: not valid JSON ({one_line(e, 120)})"
                                   ) from None
     if not isinstance(data, dict):
         raise CheckpointReadError(f"checkpoint {url}/{name}: expected a JSON object, got {type(data).__name__}")
@@ -221,7 +233,7 @@ def read_config_dict(url: str) -> dict:
         data = yaml.safe_load(read_config(url))
     except yaml.YAMLError as e:
         raise CheckpointReadError(f"checkpoint {url}/config.yaml: not a plain YAML mapping "
-                                  f"({' '.join(str(e).split())[:120]})") from None
+                                  f"({one_line(e, 120)})") from None
     if not isinstance(data, dict):
         raise CheckpointReadError(f"checkpoint {url}/config.yaml: expected a mapping, got {type(data).__name__}")
     return data
@@ -237,7 +249,7 @@ def read_rng(url: str, rank: int) -> dict | None:
         return torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - weights_only refuses anything but tensors and plain containers
         raise CheckpointReadError(f"checkpoint {url}/rng/rank_{rank}.pt: unreadable ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:160]})") from None
+                                  f"{one_line(e, 160)})") from None
 
 
 def _tokenizer_files(tok: Tokenizer, spec: str) -> dict[str, bytes]:
@@ -290,7 +302,7 @@ def load_checkpoint_tokenizer(url: str) -> Tokenizer:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged stored tokenizer file, whatever the parser says
         raise CheckpointReadError(f"checkpoint {url}/{info.get('file', 'tokenizer.json')}: unreadable tokenizer "
-                                  f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+                                  f"({type(e).__name__}: {one_line(e, 160)})") from None
     if tok.fingerprint() != fingerprint:
         raise CheckpointReadError(f"checkpoint {url}: tokenizer {spec!r} now has fingerprint {tok.fingerprint()}, "
                                   f"but the checkpoint was trained with {fingerprint}")
@@ -331,6 +343,21 @@ def _rank_share(meta: dict) -> list[str]:
     return rels[rank::world]
 
 
+def _load_checked(url: str, meta: dict, state: dict, partial: bool, rels: list[str] | None) -> str | None:
+    """Fill `state` from the checkpoint's shards while the checksums of `rels` (None: all files; meta without
+    a record: none) are checked alongside, then check the loaded tensors are finite. Returns this process's
+    one-line problem, or None. A refused (unsafe) index is raised, never returned: nobody falls back from it."""
+    try:
+        integrity.run_verified(url, meta, lambda: sharded.load(state, _url(url, "dcp"), partial=partial), rels,
+                               keep=(sharded.UnsafeCheckpointError,))
+    except sharded.UnsafeCheckpointError:
+        raise
+    except (integrity.ChecksumMismatch, CheckpointReadError) as e:  # DCP's failures name the cause too
+        return str(e)
+    bad = nonfinite_tensor(state)
+    return f"checkpoint {url}: {bad} holds NaN/Inf values (refusing to train on them)" if bad is not None else None
+
+
 def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, checksums: bool = True
                     ) -> dict:
     """Restore model + optimizer in place (any sharding, collective) and return the run's small state.
@@ -342,21 +369,8 @@ def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Opt
     """
     meta = read_json(url, "meta.json")
     state = sharded.model_optim_state(model, optimizer)
-    problem = None
-    try:
-        integrity.run_verified(url, meta if checksums else {}, lambda: sharded.load(state, _url(url, "dcp")),
-                               _rank_share(meta), keep=(sharded.UnsafeCheckpointError,))
-    except sharded.UnsafeCheckpointError:
-        raise  # every rank read the same refused metadata: all stop, nobody falls back
-    except integrity.ChecksumMismatch as e:
-        problem = str(e)
-    except CheckpointReadError as e:  # DCP failed on every rank alike; the checksums may name the cause
-        problem = str(e)
-    if problem is None:
-        bad = nonfinite_tensor(state)
-        if bad is not None:
-            problem = f"checkpoint {url}: {bad} holds NaN/Inf values (refusing to train on them)"
-    problem = D.agree_on_problem(problem)
+    # A refused index is raised on every rank alike (they read the same file): all stop, nobody falls back.
+    problem = D.agree_on_problem(_load_checked(url, meta if checksums else {}, state, False, _rank_share(meta)))
     if problem is not None:
         raise CheckpointReadError(problem)
     sharded.apply_model_optim_state(model, optimizer, state)
@@ -367,16 +381,10 @@ def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Opt
 def load_checkpoint_weights(model: torch.nn.Module, url: str) -> None:
     """Load a checkpoint's model weights into an unsharded model (one process; generate, evaluate, init_from,
     reward and reference models): checksums checked alongside, non-finite weights refused."""
-    meta = read_json(url, "meta.json")
     sd = {"model": model.state_dict()}
-    try:
-        integrity.run_verified(url, meta, lambda: sharded.load(sd, _url(url, "dcp"), partial=True),
-                               keep=(sharded.UnsafeCheckpointError,))
-    except integrity.ChecksumMismatch as e:
-        raise CheckpointReadError(str(e)) from None
-    bad = nonfinite_tensor(sd["model"])
-    if bad is not None:
-        raise CheckpointReadError(f"checkpoint {url}: model.{bad} holds NaN/Inf values")
+    problem = _load_checked(url, read_json(url, "meta.json"), sd, True, None)
+    if problem is not None:
+        raise CheckpointReadError(problem)
     model.load_state_dict(sd["model"])
 
 
@@ -475,7 +483,7 @@ class CheckpointManager:
         cause = _root_cause(exc)
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"no space left on device writing {tmp}; {kept}"
-        detail = " ".join(str(cause).split())[:200]
+        detail = one_line(cause, 200)
         return f"checkpoint write failed in {tmp} ({type(cause).__name__}: {detail}); {kept}"
 
     def _abort(self, tmp: str, problem: str) -> None:

@@ -74,7 +74,8 @@ class MetadataSaveError(RuntimeError):
     """The state to save holds metadata the JSON format cannot represent exactly; nothing was written."""
 
 
-def _one_line(text: str, limit: int = 400) -> str:
+def one_line(text: object, limit: int = 400) -> str:
+    """A message (an exception's, often multi-line) as one line of at most `limit` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -109,7 +110,7 @@ class SafeWriter(FsspecWriter):
             data = dcp_metadata.dumps_json(metadata)
         except MetadataRefused as e:
             raise MetadataSaveError(f"checkpoint {self.path}: refusing to save, the DCP metadata cannot be "
-                                           f"stored as data ({_one_line(e)})") from None
+                                           f"stored as data ({one_line(e)})") from None
         rank = getattr(self, "rank", None)
         local = not getattr(self, "use_collectives", True) and rank is not None
         final = self._get_metadata_path(rank if local else None)
@@ -152,7 +153,7 @@ class SafeReader(FsspecReader):
         try:
             return dcp_metadata.unpickle_legacy(data) if legacy else dcp_metadata.loads_json(data)
         except MetadataRefused as e:
-            raise UnsafeCheckpointError(f"checkpoint {os.fspath(path)}: {_one_line(e)} (refusing to load it)") from None
+            raise UnsafeCheckpointError(f"checkpoint {os.fspath(path)}: {one_line(e)} (refusing to load it)") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -38,7 +38,7 @@ import yaml
 
 from llm_dist.checkpoint import sharded
 from llm_dist.config.loading import safe_load_unique
-from llm_dist.checkpoint.manager import COMPLETE, read_json, resolve_checkpoint, verify
+from llm_dist.checkpoint.manager import COMPLETE, read_config_dict, read_json, resolve_checkpoint, verify
 
 FORMATS = ("dcp", "safetensors", "pt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,11 +176,10 @@ def read_run_config(url: str) -> dict:
     if not fs.exists(path):
         raise CheckpointToolError(f"{_join(url, 'config.yaml')}: missing (expected the run's resolved config)")
     try:
-        cfg = yaml.safe_load(fs.cat_file(path))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CheckpointToolError(f"{_join(url, 'config.yaml')}: not a plain YAML mapping "
-                                  f"({' '.join(str(e).split())[:120]})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        cfg = read_config_dict(url)  # the same safe parse as resume/generate; damage is one line
+    except sharded.CheckpointReadError as e:
+        raise CheckpointToolError(str(e)) from None
+    if not isinstance(cfg.get("model"), dict):
         raise CheckpointToolError(f"{_join(url, 'config.yaml')}: not a run config (expected a mapping with 'model')")
     return cfg
 
