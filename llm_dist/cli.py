@@ -20,7 +20,7 @@ from llm_dist.cli_args import one_line, one_line_errors, output_dir_problem
 from llm_dist.config import Config, ConfigError, parse_args
 from llm_dist.data.index import DataIndexError
 from llm_dist.data.sources import DataPrepError
-from llm_dist.distributed import read_launch_env, world_size_from_env
+from llm_dist.distributed import pick_device, read_launch_env, world_size_from_env
 from llm_dist.eval.multiple_choice import MCFormatError
 from llm_dist.run_lock import RunLockError, release_all
 from llm_dist.sft.chat import DataError
@@ -57,16 +57,10 @@ def check_device(device: str, key: str) -> None:
     """`device` (auto | cpu | cuda) can be used on this machine by this rank; else ConfigError naming `key`."""
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{key}: {device!r} is not one of auto, cpu, cuda")
-    if device != "cuda":
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{key}=cuda but CUDA is not available on this machine; use auto or cpu")
-    local_rank = read_launch_env().local_rank
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"{key}=cuda: local rank {local_rank} has no GPU (this node has "
-                          f"{torch.cuda.device_count()})")
+    try:
+        pick_device(device, read_launch_env().local_rank, key)  # the same checks the run itself makes
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_output_dir(path: str, key: str) -> None:

@@ -87,14 +87,16 @@ def world_size_from_env() -> int:
     return read_launch_env().world_size
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
-    """auto -> cuda:<local_rank> when CUDA is available, else cpu."""
+def pick_device(preference: str, local_rank: int, key: str = "parallel.device") -> torch.device:
+    """auto -> cuda:<local_rank> when CUDA is available, else cpu. A device this rank cannot use is a
+    RuntimeError whose one line names `key` (the setting or flag that asked for it)."""
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("parallel.device=cuda but CUDA is not available on this machine")
+        raise RuntimeError(f"{key}=cuda but CUDA is not available on this machine; use auto or cpu")
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+        raise RuntimeError(f"{key}=cuda: local rank {local_rank} has no GPU (this node has "
+                           f"{torch.cuda.device_count()})")
     return torch.device("cuda", local_rank)
 
 
