@@ -225,8 +225,6 @@ class Trainer:
         metrics = {"loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": tokens}
         if extra is not None:  # MoE routing statistics of this rank's last micro-batch
             metrics.update(zip(extra[0], host[5:]))
-        elif not hasattr(self.raw_model, "extra_metric_tensor") and hasattr(self.raw_model, "extra_metrics"):
-            metrics.update(self.raw_model.extra_metrics())  # a model without the tensor form (its own sync)
         if hasattr(self.loss_fn, "step_stats"):  # the loss's own statistics (collective: every rank calls it)
             metrics.update(self.loss_fn.step_stats(dev))
 
