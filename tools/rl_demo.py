@@ -141,7 +141,8 @@ def run_dpo(out: Path, sft_dir: Path, a: argparse.Namespace) -> dict:
            "accuracy_curve": {m["step"]: m["val/exact_match"] for m in evals},
            "val_reward_accuracy_before": evals[0]["val/rewards/accuracies"],
            "val_reward_accuracy_after": evals[-1]["val/rewards/accuracies"],
-           "val_logps_chosen_before": evals[0]["val/logps/chosen"], "val_logps_chosen_after": evals[-1]["val/logps/chosen"],
+           "val_logps_chosen_before": evals[0]["val/logps/chosen"],
+           "val_logps_chosen_after": evals[-1]["val/logps/chosen"],
            "wall_s": round(wall, 1), "steps": a.dpo_steps, "command": " ".join(cmd[len(launcher):])}
     print(f"dpo: {a.dpo_steps} steps in {wall:.0f}s; held-out accuracy {before:.1%} -> {after:.1%}; held-out "
           f"rewards/accuracies {res['val_reward_accuracy_before']:.3f} -> {res['val_reward_accuracy_after']:.3f}")

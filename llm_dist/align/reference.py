@@ -6,7 +6,7 @@ Two ways to get the reference log-probs (`dpo.precompute_ref`):
          policy), frozen (no gradients, no optimizer state) and run under no_grad on each micro-batch.
          Memory: + 1x the parameters (the policy itself holds ~4x: weights, gradients, two Adam moments).
   true   the same module runs once over every train and held-out pair before training, then is freed:
-         training then needs the memory of the policy alone, plus 8 bytes per pair on every rank. The
+         training then needs the memory of the policy alone, plus two floats per pair on every rank. The
          values are written to `<out_dir>/dpo_ref_logps.safetensors` (tensors, no pickle) with a
          fingerprint of the init checkpoint and the token ids, so a resumed run reads them back instead of
          recomputing them under another batching (on another world size).
@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import os
+from array import array
 from pathlib import Path
 from typing import Sequence
 
@@ -60,8 +61,9 @@ def data_fingerprint(init_url: str | None, *splits: Sequence[TokenPair]) -> str:
     h = hashlib.sha256(json.dumps(init_url).encode())
     for pairs in splits:
         h.update(b"|split")
-        for p in pairs:
-            h.update(json.dumps([p.chosen, p.rejected, p.chosen_start, p.rejected_start]).encode())
+        for p in pairs:  # lengths first: the concatenation alone would not say where one sequence ends
+            h.update(array("q", [len(p.chosen), len(p.rejected), p.chosen_start, p.rejected_start,
+                                 *p.chosen, *p.rejected]).tobytes())
     return h.hexdigest()
 
 

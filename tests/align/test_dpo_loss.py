@@ -11,7 +11,7 @@ import torch
 from llm_dist.align.dpo_loss import LOSSES, DPOLoss, preference_loss, sequence_logps
 from llm_dist.config import ModelConfig
 from llm_dist.model.transformer import build_model
-from llm_dist.reward.data import Pair, TokenPair, pair_tensors, tokenize_pairs
+from llm_dist.reward.data import Pair, pair_tensors, tokenize_pairs
 from llm_dist.sft.chat import END, add_chat_tokens
 from llm_dist.tokenizer import load_tokenizer
 from llm_dist.train.trainer import IGNORE_INDEX
@@ -97,7 +97,8 @@ def test_targets_are_the_response_tokens_only():
     m = len(tp) + 1
     assert tgt.shape == x.shape and ref.tolist() == [0.0] * (2 * m)
     for i, p in enumerate(tp + [None]):
-        for row, seq, start in ((i, p and p.chosen, p and p.chosen_start), (m + i, p and p.rejected, p and p.rejected_start)):
+        for row, seq, start in ((i, p and p.chosen, p and p.chosen_start),
+                                (m + i, p and p.rejected, p and p.rejected_start)):
             want = [IGNORE_INDEX] * x.shape[1]
             if seq is not None:
                 for t in range(max(start, 1) - 1, len(seq) - 1):  # position t predicts token t + 1
@@ -149,7 +150,7 @@ def test_loss_with_live_reference_equals_precomputed_and_ignores_padding(kind):
     loss_live, n_live = live(policy, batch)
     with torch.no_grad():
         ref, _ = sequence_logps(reference(batch[0]), batch[4])
-    for p, i in zip(tp, range(len(tp))):
+    for i, p in enumerate(tp):
         p.ref = (ref[i].item(), ref[len(tp) + 1 + i].item())
     pre = DPOLoss(kind, 0.2, 0.1 if kind in ("sigmoid", "simpo") else 0.0, 0.3)
     loss_pre, n_pre = pre(policy, pair_tensors(tp + [None], PAD, targets=True))
