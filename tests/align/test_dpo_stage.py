@@ -32,6 +32,14 @@ def pairs(tmp_path_factory):
     return d / "pairs.jsonl"
 
 
+@pytest.fixture(scope="module")
+def live(pairs, tmp_path_factory):
+    """4 steps with a live reference, a checkpoint every 2: the baseline of the resume, FSDP and precompute tests."""
+    out = tmp_path_factory.mktemp("live") / "a"
+    run_launcher(_args(pairs, out, "train.max_steps=4", "checkpoint.interval=2"))
+    return out
+
+
 def _args(data, out, *extra):
     return ["launch/dpo.py", "model.preset=debug", "model.block_size=32", "tokenizer.name=byte", f"dpo.data={data}",
             "dpo.eval_fraction=0.25", "dpo.beta=0.5", "train.batch_size=8", "train.micro_batch_size=2",
@@ -60,23 +68,22 @@ def test_dpo_logs_trl_metrics_from_step_0_and_learns(pairs, tmp_path):
     assert last["val/loss"] < 0.3 and last["val/rewards/chosen"] > last["val/rewards/rejected"]
 
 
-def test_resume_is_exact_and_two_fsdp_ranks_equal_one(pairs, tmp_path):
+def test_resume_is_exact_and_two_fsdp_ranks_equal_one(pairs, live, tmp_path):
     common = ("train.max_steps=4", "checkpoint.interval=2")
-    run_launcher(_args(pairs, tmp_path / "a", *common))
     run_launcher(_args(pairs, tmp_path / "res", *common, "train.max_steps=2"))
     run_launcher(_args(pairs, tmp_path / "res", *common))
     run_launcher(_args(pairs, tmp_path / "fsdp", *common, "parallel.strategy=fsdp"), nproc=2)
-    a, res, fsdp = (final_params(tmp_path / n) for n in ("a", "res", "fsdp"))
+    a, res, fsdp = final_params(live), final_params(tmp_path / "res"), final_params(tmp_path / "fsdp")
     for k in a:
         assert torch.equal(res[k], a[k]), k
         if not k.endswith("attn.wk.bias"):  # exactly-zero true gradient: Adam amplifies float noise
             torch.testing.assert_close(fsdp[k], a[k], atol=1e-5, rtol=1e-5)
-    la = [r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r]
+    la = [r["loss"] for r in read_metrics(live) if "loss" in r]
     lf = [r["loss"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r]
     assert lf == pytest.approx(la, abs=1e-5)
 
 
-def test_precomputed_reference_equals_live_and_resumes_from_its_cache(pairs, tmp_path):
+def test_precomputed_reference_equals_live_and_resumes_from_its_cache(pairs, live, tmp_path):
     common = ("train.max_steps=4", "checkpoint.interval=2", "dpo.precompute_ref=true")
     p = run_launcher(_args(pairs, tmp_path / "pre", *common))
     assert "reference: log-probs computed in one pass" in p.stdout
@@ -84,11 +91,12 @@ def test_precomputed_reference_equals_live_and_resumes_from_its_cache(pairs, tmp
     run_launcher(_args(pairs, tmp_path / "res", *common, "train.max_steps=2"))
     p = run_launcher(_args(pairs, tmp_path / "res", *common))
     assert "reference: log-probs read from" in p.stdout  # not recomputed under the moved policy
-    run_launcher(_args(pairs, tmp_path / "live", "train.max_steps=4"))
-    pre, res, live = (final_params(tmp_path / n) for n in ("pre", "res", "live"))
+    pre, res = final_params(tmp_path / "pre"), final_params(tmp_path / "res")
     for k in pre:
         assert torch.equal(res[k], pre[k]), k
-    for a, b in zip(read_metrics(tmp_path / "pre"), read_metrics(tmp_path / "live")):
+    m_pre, m_live = read_metrics(tmp_path / "pre"), read_metrics(live)
+    assert len(m_pre) == len(m_live)
+    for a, b in zip(m_pre, m_live):
         for key in ("loss", "val/loss", *TRL):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
