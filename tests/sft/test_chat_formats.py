@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from llm_dist.config import Config, ConfigError
-from llm_dist.sft.chat import Conversation, add_chat_tokens
-from llm_dist.sft.chat_format import CHATML, FORMATS, LLAMA3, PROJECT, chat_format
+from llm_dist.sft.chat import add_chat_tokens
+from llm_dist.sft.chat_format import CHATML, FORMATS, LLAMA3, chat_format
 from llm_dist.tokenizer import BPETokenizer, ByteTokenizer
 from llm_dist.tokenizer.pretokenize import GPT2_PATTERN
 from llm_dist.train.trainer import IGNORE_INDEX
@@ -164,7 +164,7 @@ def test_imported_tokenizer_keeps_its_own_special_ids():
 
 
 def _jinja_render(template, msgs, gen):
-    jinja2 = pytest.importorskip("jinja2")
+    pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(msg):
@@ -267,11 +267,13 @@ def test_rollout_source_prompts_in_the_run_format():
     assert all(len(c) <= 3 for c in comps)
 
 
-def test_sft_runs_in_chatml_and_llama3(tmp_path):
+def test_sft_runs_in_chatml_and_llama3(tmp_path, monkeypatch):
     """Two steps of the SFT launcher per format: the run records chat.template, its checkpoint's tokenizer has
     the format's tokens, the training targets are exactly the replies + end-of-turn; reward/RL refuse to read
     the checkpoint in another format; chat generation from it uses the recorded format."""
+    import llm_dist.sample
     from llm_dist.sample import load_model, main as sample_main
+    from llm_dist.model.generate import generate as real_generate
     from llm_dist.sft.chat import read_jsonl
     from llm_dist.sft.data import SFTLoader, tokenize
     from llm_dist.stages import setup_chat_model
@@ -306,5 +308,16 @@ def test_sft_runs_in_chatml_and_llama3(tmp_path):
         other.chat.template = name
         tok2, _ = setup_chat_model(other, str(out))
         assert tok2.special_tokens == tok.special_tokens
+        # chat generation: the prompt in the run's format, stopping at its end-of-turn token
+        seen = {}
+
+        def spy(model, idx, max_new_tokens, **kw):
+            seen.update(prompt=idx[0].tolist(), eos_id=kw["eos_id"])
+            return real_generate(model, idx, max_new_tokens, **kw)
+
+        monkeypatch.setattr(llm_dist.sample, "generate", spy)
         assert sample_main(["--checkpoint", str(out), "--chat", "--system", "Add.", "--prompt", "1+1=",
                             "--max-new-tokens", "3", "--device", "cpu", "--temperature", "0"]) == 0
+        assert seen == {"prompt": fmt.prompt_ids(tok, rows[1]["messages"][:1] + [
+            {"role": "user", "content": "1+1="}]), "eos_id": fmt.end_id(tok)}
+    assert sample_main(["--checkpoint", str(out), "--system", "Add."]) == 2  # --system needs --chat
