@@ -54,7 +54,7 @@ def test_lm_eval_on_an_exported_model_equals_the_project_evaluator(llama_run, tm
     tasks.mkdir()
     (tasks / "llm_dist_shakespeare_mc.yaml").write_text(TASK.format(data=MC))
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu",
-                                  tasks=["llm_dist_shakespeare_mc"], task_manager=TaskManager(include_path=str(tasks)),
+                                  tasks=["llm_dist_shakespeare_mc"], task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                                   limit=N, batch_size=16, log_samples=True)
     got = res["results"]["llm_dist_shakespeare_mc"]
     samples = sorted(res["samples"]["llm_dist_shakespeare_mc"], key=lambda s: s["doc_id"])
