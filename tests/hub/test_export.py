@@ -116,3 +116,12 @@ def test_cli_refuses_bad_input_with_one_line(gpt2_run, tmp_path, capsys):
     model = transformers.AutoModelForCausalLM.from_pretrained(busy)
     assert model.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".*export-tmp"))  # the staging folder is gone
+
+
+def test_chat_template_needs_the_chat_tokens():
+    from llm_dist.sft.chat import add_chat_tokens, hf_chat_template
+    from llm_dist.tokenizer import ByteTokenizer
+
+    with pytest.raises(ValueError, match="no chat tokens"):
+        hf_chat_template(ByteTokenizer())
+    assert "<|assistant|>" in hf_chat_template(add_chat_tokens(ByteTokenizer()))
