@@ -108,8 +108,11 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
         config.update(ids)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
-        save_hf_tokenizer(tok, tmp, model_max_length=cfg.model.block_size, eos=END if chat else None,
-                          chat_template=hf_chat_template(tok) if chat else None)
+        try:
+            save_hf_tokenizer(tok, tmp, model_max_length=cfg.model.block_size, eos=END if chat else None,
+                              chat_template=hf_chat_template(tok) if chat else None)
+        except (TypeError, ValueError) as e:  # a tokenizer with no HF equivalent (see tokenizer/hf_export.py)
+            raise ExportError(f"checkpoint {url}: tokenizer {tok.name!r} cannot be exported: {e}") from None
         out.mkdir(parents=True, exist_ok=True)
         for pattern in _WEIGHT_GLOBS:  # an earlier export's shards must not sit beside the new weights
             for stale in out.glob(pattern):

@@ -61,7 +61,11 @@ def onig_pattern(pattern: str) -> str:
     repeat of the interval, i.e. any run of digits. The atomic group `(?>\\p{N}{1,3})` is the same
     possessive match in every engine. (`?+`, `*+`, `++` are possessive in Oniguruma too.)
     """
-    return _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pattern)
+    out = _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pattern)
+    if re.search(r"\)\{\d+(?:,\d*)?\}\+", out):  # a group under a possessive interval: not rewritten above
+        raise ValueError(f"pattern {pattern!r}: a possessive interval on a group ')'{{n,m}}+ has no Oniguruma "
+                         "equivalent here; write it as an atomic group (?>(...){n,m})")
+    return out
 
 
 def _as_chars(b: bytes) -> str:

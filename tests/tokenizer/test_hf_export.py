@@ -78,6 +78,8 @@ def test_possessive_interval_is_made_atomic_for_oniguruma():
     assert onig_pattern(GPT2_PATTERN) == GPT2_PATTERN
     assert r"(?>\p{N}{1,3})" in onig_pattern(CL100K_PATTERN) and r"\p{N}{1,3}+" not in onig_pattern(CL100K_PATTERN)
     assert onig_pattern(r"[a-z]{2,}+|\{1}+") == r"(?>[a-z]{2,})|\{1}+"  # an escaped brace is no interval
+    with pytest.raises(ValueError, match="atomic group"):
+        onig_pattern(r"(ab){2}+")
 
 
 def test_merges_are_every_split_ordered_by_result_rank():
