@@ -114,7 +114,9 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], int]], device: torc
     """(len(rows), 2) float64: per row, the summed log-probability of its ending tokens and their count.
 
     Rows are right-padded into one (N, T) batch; causal attention keeps the padding from affecting
-    the real positions, and padded targets are ignored.
+    the real positions, and padded targets are ignored. The softmax runs over the real vocabulary only (the
+    columns past `vocab_size` pad the LM head for speed and are never sampled): the distribution `generate`
+    draws from and the one an exported Hugging Face model computes, so lm-eval's log-likelihoods equal these.
     """
     T = max(len(ids) for ids, _ in rows)
     x = torch.zeros(len(rows), T, dtype=torch.long)
@@ -127,6 +129,7 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], int]], device: torc
     x, y = x.to(device), y.to(device)
     with autocast if autocast is not None else contextlib.nullcontext():
         logits = model(x)  # (N, T, V_padded)
+    logits = logits[..., :getattr(model, "vocab_size", logits.shape[-1])]  # (N, T, V)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none").view(len(rows), T)  # (N, T), 0 where ignored
     return torch.stack([-nll.double().sum(1), (y != IGNORE_INDEX).sum(1).double()], dim=1)

@@ -97,7 +97,7 @@ def reference_scores(model: torch.nn.Module, tok, ex: MCExample, block: int) -> 
         c, e = tok.encode_ordinary(ctx), tok.encode_ordinary(end)
         ids = (c + e)[-block:]
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).double()[0]  # (L, V)
+            logits = model(torch.tensor([ids])).double()[0, :, :tok.vocab_size]  # (L, V): padding columns cut
         logp = logits - logits.logsumexp(-1, keepdim=True)
         L = len(ids)
         out.append((sum(logp[j - 1, ids[j]].item() for j in range(L - len(e), L)), len(e)))
