@@ -7,6 +7,7 @@
     python tools/checkpoint.py convert runs/default --out model.pt                 # DCP -> torch state dict
     python tools/checkpoint.py convert model.pt --out model.safetensors --config runs/default/config.yaml
     python tools/checkpoint.py convert model.safetensors --out model_bf16.safetensors --dtype bf16
+    python tools/checkpoint.py export-hf runs/sft out/hf-model             # a folder transformers loads as is
 
 Checkpoints may be local paths or fsspec URLs; outputs are local files. Bad input prints one line
 (`error: <file>: <what was expected>`) and exits with status 2. See docs/checkpoints.md.
@@ -26,6 +27,7 @@ from llm_dist.checkpoint.tools import (DTYPES, CheckpointToolError, compare_logi
                                        convert, format_inspect, inspect)
 from llm_dist.cli_args import ArgumentParser  # noqa: E402 - one-line argparse errors, exit 2
 from llm_dist.config import ConfigError  # noqa: E402
+from llm_dist.hub.export import ExportError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -75,6 +77,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from llm_dist.hub.export import export_hf
+
+    s = export_hf(args.path, args.out, DTYPES[args.dtype], force=args.force)
+    print(f"wrote {s['out']} ({s['architecture']}, {s['dtype']}, tokenizer {s['tokenizer']}"
+          f"{', chat template' if s['chat'] else ''}; eos ids {s['eos_token_id']}) from {s['checkpoint']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config for a .pt source (checkpoint dir, .safetensors, or config.yaml)")
     p.add_argument("--check", action="store_true", help="dcp -> safetensors only: compare logits as consolidate")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export-hf", help="a Hugging Face folder (weights, config, tokenizer, generation config, "
+                                         "chat template) that transformers loads with nothing added")
+    p.add_argument("path", help="checkpoint dir, or run dir / checkpoints dir (newest complete)")
+    p.add_argument("out", help="output folder (new or empty, unless --force)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder, replacing the exported files")
+    p.set_defaults(fn=cmd_export_hf)
     return ap
 
 
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError, ExportError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -287,11 +287,14 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}  # safetensors refuses shared/strided storage
 
 
-def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 0) -> Path:
-    """Write config.json + model.safetensors (or shards + index when over `max_shard_bytes` > 0) to `path`."""
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 0,
+            dtype: torch.dtype = torch.float32) -> Path:
+    """Write config.json + model.safetensors (or shards + index when over `max_shard_bytes` > 0) to `path`,
+    the weights cast to `dtype` (config.json's "dtype" says which)."""
     folder = Path(path)
     config = hf_config(model.cfg)
-    tensors = state_dict_to_hf(model)
+    tensors = {k: v.to(dtype) for k, v in state_dict_to_hf(model).items()}
+    config["dtype"] = str(dtype).removeprefix("torch.")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     total = sum(t.numel() * t.element_size() for t in tensors.values())

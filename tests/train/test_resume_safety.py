@@ -101,9 +101,9 @@ def test_when_nothing_loads_the_run_stops_and_changes_nothing(base_run: Path, tm
 
 @pytest.mark.parametrize("rel,data,expect", [
     ("config.yaml", b"!!python/object/apply:os.system ['touch MARKER']\n", "config.yaml: not a plain YAML mapping"),
-    ("tokenizer.json", b"\x00garbage{", "tokenizer.json: not valid JSON"),
-    ("tokenizer.json", json.dumps({"spec": "byte", "fingerprint": "x", "file": "../../etc/passwd"}).encode(),
-     "'file' must be 'tokenizer.bpe.json'"),
+    ("llm_dist_tokenizer.json", b"\x00garbage{", "llm_dist_tokenizer.json: not valid JSON"),
+    ("llm_dist_tokenizer.json", json.dumps({"spec": "byte", "fingerprint": "x", "file": "../../etc/passwd"}).encode(),
+     "'file' must be 'llm_dist_tokenizer.bpe.json'"),
     ("train_state.json", b"[]", "train_state.json: expected a JSON object"),
 ])
 def test_crafted_small_files_are_refused_by_name(base_run: Path, tmp_path: Path, prepared_byte_data: Path,
