@@ -13,10 +13,11 @@ The folder holds:
     special_tokens_map.json
 
 Special ids: `<|endoftext|>` separates documents in pretraining, so it is bos (what a text follows), eos
-and pad (as in GPT-2's own files). A chat model (its tokenizer has the SFT chat tokens, sft/chat.py) ends
-every turn with `<|end|>`: that is the tokenizer's eos token, and generation stops at either `<|end|>` or
-`<|endoftext|>` (config and generation_config list both). Its `chat_template` renders exactly the
-project's chat format (`chat.hf_chat_template`).
+and pad (as in GPT-2's own files). A chat model (its tokenizer has the tokens of the run's `chat.template`,
+sft/chat_format.py) ends every turn with that format's end-of-turn token (`<|end|>`, `<|im_end|>` or
+`<|eot_id|>`): that is the tokenizer's eos token, and generation stops at either it or `<|endoftext|>`
+(config and generation_config list both). Its `chat_template` is the format's own Jinja
+(`ChatFormat.jinja`), the same definition SFT trained with.
 
 The folder is written next to `out` under a temporary name and moved into place file by file at the end,
 so a failed export leaves no half-written folder; an existing non-empty `out` is refused unless `force`.
@@ -36,7 +37,7 @@ from llm_dist.checkpoint.tools import CheckpointToolError, resolve
 from llm_dist.config import Config, apply_dict
 from llm_dist.model.hf_interop import HFFormatError, save_hf
 from llm_dist.model.transformer import build_model
-from llm_dist.sft.chat import END, hf_chat_template
+from llm_dist.sft.chat_format import ChatFormat, chat_format
 from llm_dist.tokenizer import EOT, Tokenizer
 from llm_dist.tokenizer.hf_export import save_hf_tokenizer, special_roles
 
@@ -48,17 +49,17 @@ class ExportError(ValueError):
     """Bad input for an export (a source, an output folder, a model with no HF equivalent): one line."""
 
 
-def is_chat_tokenizer(tok: Tokenizer) -> bool:
-    """True for a tokenizer extended with the SFT chat tokens (sft/chat.py add_chat_tokens)."""
-    return END in tok.special_tokens
+def chat_of(tok: Tokenizer, fmt: ChatFormat) -> ChatFormat | None:
+    """`fmt` if `tok` carries its tokens (a model SFT-trained in that chat format), else None."""
+    return None if fmt.missing_tokens(tok) else fmt
 
 
-def special_ids(tok: Tokenizer) -> dict:
+def special_ids(tok: Tokenizer, chat: ChatFormat | None = None) -> dict:
     """bos_token_id, eos_token_id (an int, or a list with the end-of-turn id first for a chat model) and
     pad_token_id, for config.json and generation_config.json."""
-    roles = special_roles(tok, END if is_chat_tokenizer(tok) else None)
+    roles = special_roles(tok, chat.end_token if chat else None)
     ids = tok.special_tokens
-    eos = [ids[END], ids[EOT]] if is_chat_tokenizer(tok) else ids[EOT]
+    eos = [ids[chat.end_token], ids[EOT]] if chat else ids[EOT]
     return {"bos_token_id": ids[roles["bos_token"]], "eos_token_id": eos, "pad_token_id": ids[roles["pad_token"]]}
 
 
@@ -94,8 +95,8 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
                           f"{cfg.model.vocab_size}")
     model = build_model(cfg.model, "cpu")
     load_checkpoint_weights(model, url)
-    chat = is_chat_tokenizer(tok)
-    ids = special_ids(tok)
+    chat = chat_of(tok, chat_format(cfg.chat.template))
+    ids = special_ids(tok, chat)
 
     tmp = out.with_name(f".{out.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,8 +110,8 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
         try:
-            save_hf_tokenizer(tok, tmp, model_max_length=cfg.model.block_size, eos=END if chat else None,
-                              chat_template=hf_chat_template(tok) if chat else None)
+            save_hf_tokenizer(tok, tmp, model_max_length=cfg.model.block_size, eos=chat.end_token if chat else None,
+                              chat_template=chat.jinja if chat else None)
         except (TypeError, ValueError) as e:  # a tokenizer with no HF equivalent (see tokenizer/hf_export.py)
             raise ExportError(f"checkpoint {url}: tokenizer {tok.name!r} cannot be exported: {e}") from None
         out.mkdir(parents=True, exist_ok=True)
@@ -123,4 +124,4 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"checkpoint": url, "out": str(out), "architecture": config["model_type"], "files": files,
-            "chat": chat, "tokenizer": tok.name, "dtype": config["dtype"], **ids}
+            "chat": chat.name if chat else None, "tokenizer": tok.name, "dtype": config["dtype"], **ids}

@@ -129,30 +129,6 @@ def prompt_ids(tok: Tokenizer, messages: list[dict], fmt: ChatFormat = PROJECT) 
     return fmt.prompt_ids(tok, messages)
 
 
-def hf_chat_template(tok: Tokenizer) -> str:
-    """A Jinja chat template (Hugging Face `chat_template`) that renders exactly `render` / `prompt_ids`.
-
-    Each message is its role token, its content and `<|end|>`; `add_generation_prompt` appends
-    `<|assistant|>`. No whitespace is added (every Jinja tag trims). HF tokenizes the rendered text with
-    the role tokens as special tokens, which gives `render`'s ids as long as no message *contains* a
-    special-token string (`render` encodes content with `encode_ordinary`; HF cannot tell them apart).
-    """
-    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
-    if missing:
-        raise ValueError(f"tokenizer {tok.name!r} has no chat tokens {missing} (see add_chat_tokens)")
-    roles = ", ".join(f"'{r}': '{t}'" for r, t in ROLE_TOKENS.items())
-    return (
-        "{%- set role_tokens = {" + roles + "} -%}"
-        "{%- for message in messages -%}"
-        "{%- if message['role'] not in role_tokens -%}"
-        "{{- raise_exception('role must be one of system, user, assistant, got ' + message['role']) -}}"
-        "{%- endif -%}"
-        "{{- role_tokens[message['role']] + message['content'] + '" + END + "' -}}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + "' -}}{%- endif -%}"
-    )
-
-
 # ------------------------------------------------------------------------------------ answer checking
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

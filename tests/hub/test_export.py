@@ -118,10 +118,16 @@ def test_cli_refuses_bad_input_with_one_line(gpt2_run, tmp_path, capsys):
     assert not list(tmp_path.glob(".*export-tmp"))  # the staging folder is gone
 
 
-def test_chat_template_needs_the_chat_tokens():
-    from llm_dist.sft.chat import add_chat_tokens, hf_chat_template
+def test_export_uses_the_runs_chat_format():
+    from llm_dist.hub.export import chat_of, special_ids
+    from llm_dist.sft.chat import add_chat_tokens
+    from llm_dist.sft.chat_format import chat_format
     from llm_dist.tokenizer import ByteTokenizer
 
-    with pytest.raises(ValueError, match="no chat tokens"):
-        hf_chat_template(ByteTokenizer())
-    assert "<|assistant|>" in hf_chat_template(add_chat_tokens(ByteTokenizer()))
+    plain = ByteTokenizer()
+    assert chat_of(plain, chat_format("project")) is None  # a pretraining tokenizer is no chat model
+    tok = add_chat_tokens(ByteTokenizer(), chat_format("chatml"))
+    assert chat_of(tok, chat_format("project")) is None  # chatml tokens are not the project's format
+    fmt = chat_of(tok, chat_format("chatml"))
+    assert fmt is not None and "<|im_start|>" in fmt.jinja
+    assert special_ids(tok, fmt)["eos_token_id"] == [tok.special_tokens["<|im_end|>"], tok.special_tokens["<|endoftext|>"]]
