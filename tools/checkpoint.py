@@ -7,6 +7,7 @@
     python tools/checkpoint.py convert runs/default --out model.pt                 # DCP -> torch state dict
     python tools/checkpoint.py convert model.pt --out model.safetensors --config runs/default/config.yaml
     python tools/checkpoint.py convert model.safetensors --out model_bf16.safetensors --dtype bf16
+    python tools/checkpoint.py import-hf ~/models/Qwen2.5-0.5B runs/qwen-base   # HF folder -> init_from-able run
 
 Checkpoints may be local paths or fsspec URLs; outputs are local files. Bad input prints one line
 (`error: <file>: <what was expected>`) and exits with status 2. See docs/checkpoints.md.
@@ -26,6 +27,7 @@ from llm_dist.checkpoint.tools import (DTYPES, CheckpointToolError, compare_logi
                                        convert, format_inspect, inspect)
 from llm_dist.cli_args import ArgumentParser  # noqa: E402 - one-line argparse errors, exit 2
 from llm_dist.config import ConfigError  # noqa: E402
+from llm_dist.model.hf_interop import HFFormatError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -75,6 +77,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from llm_dist.hub.imports import describe, import_hf, open_hf
+
+    url = import_hf(args.hf_dir, args.out)
+    print(f"wrote {url} ({describe(open_hf(args.hf_dir))}); start any stage with *.init_from={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config for a .pt source (checkpoint dir, .safetensors, or config.yaml)")
     p.add_argument("--check", action="store_true", help="dcp -> safetensors only: compare logits as consolidate")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("import-hf", help="a Hugging Face folder (or hub cache snapshot) -> an llm_dist run to init_from")
+    p.add_argument("hf_dir", help="folder with config.json + *.safetensors + tokenizer.json, or models--org--name")
+    p.add_argument("out", help="run directory to write (config.yaml + checkpoints/step_00000000)")
+    p.set_defaults(fn=cmd_import_hf)
     return ap
 
 
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError, HFFormatError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

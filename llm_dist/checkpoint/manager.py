@@ -6,7 +6,8 @@ One checkpoint, `<out_dir>/checkpoints/step_00001000/`:
     train_state.json   trainer counters, grad-scaler state, data-loader position (global: any world size)
     rng/rank_<r>.pt    each rank's python/numpy/torch/CUDA RNG state
     config.yaml        the resolved run config
-    tokenizer.json     which tokenizer the ids belong to (+ tokenizer.bpe.json for a trained one)
+    tokenizer.json     which tokenizer the ids belong to (+ tokenizer.bpe.json for a trained one, or
+                       hf_tokenizer.json for one imported from a Hugging Face folder)
     meta.json          step, world size, strategy, time, every file with its size and block CRC-32s
     COMPLETE           written last: without it the directory is never loaded
 
@@ -43,7 +44,7 @@ from llm_dist import distributed as D
 from llm_dist.checkpoint import integrity, sharded
 from llm_dist.checkpoint.rng import get_rng_state
 from llm_dist.checkpoint.sharded import CheckpointReadError, one_line
-from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
 BUILTIN_TOKENIZERS = ("byte", "gpt2")
@@ -259,15 +260,17 @@ def _tokenizer_files(tok: Tokenizer, spec: str) -> dict[str, bytes]:
     if spec not in BUILTIN_TOKENIZERS:  # the checkpoint must not depend on a file elsewhere
         import tempfile
 
+        name = HF_TOKENIZER_FILE if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
         with tempfile.TemporaryDirectory() as tmp:
-            tok.save(Path(tmp) / TOKENIZER_FILE)
-            files[TOKENIZER_FILE] = (Path(tmp) / TOKENIZER_FILE).read_bytes()
-        info["file"] = TOKENIZER_FILE
+            tok.save(Path(tmp) / name)
+            files[name] = (Path(tmp) / name).read_bytes()
+        info["file"] = name
     files["tokenizer.json"] = json.dumps(info, indent=1).encode()
     return files
 
 
 TOKENIZER_FILE = "tokenizer.bpe.json"
+HF_TOKENIZER_FILE = "hf_tokenizer.json"  # an imported Hugging Face tokenizer (HFTokenizer.save's format)
 
 
 def load_checkpoint_tokenizer(url: str) -> Tokenizer:
@@ -283,15 +286,15 @@ def load_checkpoint_tokenizer(url: str) -> Tokenizer:
         raise CheckpointReadError(f"checkpoint {url}/tokenizer.json: expected string 'spec' and 'fingerprint'")
     try:
         if "file" in info:
-            if info["file"] != TOKENIZER_FILE:  # a name, never a path that could point outside the checkpoint
-                raise CheckpointReadError(f"checkpoint {url}/tokenizer.json: 'file' must be {TOKENIZER_FILE!r}, "
-                                          f"got {info['file']!r}")
+            if info["file"] not in (TOKENIZER_FILE, HF_TOKENIZER_FILE):  # a name, never a path outside the checkpoint
+                raise CheckpointReadError(f"checkpoint {url}/tokenizer.json: 'file' must be {TOKENIZER_FILE!r} or "
+                                          f"{HF_TOKENIZER_FILE!r}, got {info['file']!r}")
             import tempfile
 
             fs, root = _fs(url)
             with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / TOKENIZER_FILE
-                local.write_bytes(fs.cat_file(posixpath.join(root, TOKENIZER_FILE)))
+                local = Path(tmp) / info["file"]
+                local.write_bytes(fs.cat_file(posixpath.join(root, info["file"])))
                 tok = load_tokenizer(local)
         elif spec in BUILTIN_TOKENIZERS:
             tok = load_tokenizer(spec)

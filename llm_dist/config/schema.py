@@ -165,6 +165,7 @@ class CheckpointConfig:
     keep_last_k: int = 3  # complete checkpoints to keep (the newest); 0 = keep all
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir, if any) | never | path of a checkpoint
     checksums: bool = True  # record a CRC-32 of every file when saving and check it when loading
+    init_from: str = ""  # pretraining: checkpoint, run dir or Hugging Face model folder whose weights, architecture and tokenizer start a fresh run; "" = random init
 
 
 @dataclass

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from llm_dist.data.jsonl import read_jsonl_rows
-from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer
 from llm_dist.tokenizer.pretokenize import GPT2_PATTERN
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -42,6 +42,8 @@ def add_chat_tokens(tok: Tokenizer) -> Tokenizer:
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
     if not missing:
         return tok
+    if isinstance(tok, HFTokenizer):  # a model's own vocabulary: the tokens are added to it (ids after the last)
+        return tok.with_special_tokens(missing, f"{tok.name}+chat")
     if isinstance(tok, ByteTokenizer):
         ranks, pattern, name = {bytes([b]): b for b in range(256)}, GPT2_PATTERN, "byte+chat"
     elif isinstance(tok, BPETokenizer):
