@@ -109,7 +109,10 @@ def hf_state_dict(src: HFSource, block_size: int | None = None) -> dict[str, tor
     to `block_size` when given (a shorter training context). Non-finite weights are refused."""
     cfg = src.model
     padded = padded_vocab_size(cfg.vocab_size, cfg.vocab_multiple)
-    sd = state_dict_from_hf(read_hf_weights(src.folder), src.hf_config, cfg, padded)
+    try:
+        sd = state_dict_from_hf(read_hf_weights(src.folder), src.hf_config, cfg, padded)
+    except HFFormatError as e:
+        raise HFFormatError(f"{src.folder}: {e}") if str(e).startswith("weights:") else e from None
     sd = {k: v.to(torch.float32) for k, v in sd.items()}
     bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
