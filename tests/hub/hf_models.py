@@ -41,10 +41,11 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 
 
-def hf_model(kind: str) -> torch.nn.Module:
+def hf_model(kind: str, vocab: int = V) -> torch.nn.Module:
     """A 2-layer, 32-wide random model of one supported kind (eval mode, every tensor random, norms included)."""
     import transformers as tf
 
+    V = vocab  # noqa: N806 - the module constant's role
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0)
     build = {
@@ -65,9 +66,9 @@ def hf_model(kind: str) -> torch.nn.Module:
     return model
 
 
-def save_hf_folder(kind: str, folder: Path) -> torch.nn.Module:
+def save_hf_folder(kind: str, folder: Path, vocab: int = V) -> torch.nn.Module:
     """A model of `kind` plus the tokenizer saved to `folder`; returns the HF model."""
-    model = hf_model(kind)
+    model = hf_model(kind, vocab)
     model.save_pretrained(folder)
     save_tokenizer(folder)
     return model
