@@ -152,9 +152,9 @@ def model_for_stage(user: ModelConfig, src: HFSource, where: str) -> ModelConfig
                               ops=user.ops, score_head=user.score_head, init_std=user.init_std,
                               vocab_multiple=user.vocab_multiple)
     if user.block_size != ModelConfig().block_size:
+        # A shorter training context; a Mistral window is kept even when it is longer (attention is then
+        # full within block_size, and export still writes the model's window).
         out.block_size = user.block_size
-    if out.attn.window >= out.block_size:
-        out.attn = dataclasses.replace(out.attn, window=0)  # a window as long as the context is full attention
     return out
 
 

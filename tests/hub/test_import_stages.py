@@ -1,4 +1,4 @@
-"""init_from=<Hugging Face folder> through the real launchers: HF -> SFT 5 steps -> export -> transformers loads it
+"""init_from=<Hugging Face folder> through the real launchers: HF -> SFT 5 steps (2 FSDP ranks) -> export -> transformers loads it
 with the project's logits and stops `generate` at eos; pretraining, reward, GRPO and PPO start from HF folders;
 a bad folder is one line, exit 2."""
 
@@ -40,11 +40,12 @@ def test_hf_to_sft_to_hf_round_trip(tmp_path: Path, sft_rows: Path):
     from llm_dist.sample import load_model
     from llm_dist.tokenizer import HFTokenizer
 
-    # vocab 300 = the tokenizer's: the 4 chat tokens grow the embedding (tied, Qwen2 q/k/v biases)
+    # vocab 300 = the tokenizer's: the 4 chat tokens grow the embedding (tied, Qwen2 q/k/v biases); the
+    # HF weights go onto 2 FSDP ranks' shards
     hf0 = save_hf_folder("qwen2_tied", tmp_path / "hf", vocab=300)
     run_launcher(["launch/sft.py", f"sft.init_from={tmp_path / 'hf'}", f"sft.data={sft_rows}", "model.block_size=32",
                   "sft.eval_fraction=0.25", "sft.eval_examples=0", "train.batch_size=4", "train.micro_batch_size=2",
-                  "train.max_steps=5", f"out_dir={tmp_path / 'sft'}", *COMMON])
+                  "train.max_steps=5", "parallel.strategy=fsdp", f"out_dir={tmp_path / 'sft'}", *COMMON], nproc=2)
     model, tok, cfg = load_model(str(tmp_path / "sft"))
     assert isinstance(tok, HFTokenizer) and tok.vocab_size == 304 == cfg.model.vocab_size
     assert cfg.model.qkv_bias and cfg.model.tie_embeddings and cfg.model.block_size == 32
