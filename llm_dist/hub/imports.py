@@ -28,7 +28,7 @@ from llm_dist.config import ConfigError, ModelConfig
 from llm_dist.model.hf_interop import (HFFormatError, model_config_from_hf, read_hf_config, read_hf_weights,
                                       state_dict_from_hf)
 from llm_dist.model.transformer import padded_vocab_size
-from llm_dist.tokenizer import Tokenizer, TokenizerFileError, load_hf_tokenizer, load_tokenizer
+from llm_dist.tokenizer import Tokenizer, TokenizerFileError, load_tokenizer
 
 # model.* keys that may differ from the HF config: they change how the weights are used, not which exist.
 FREE_MODEL_KEYS = ("preset", "vocab_size", "vocab_multiple", "block_size", "dropout", "attn_impl", "norm_impl",
@@ -80,10 +80,9 @@ class HFSource:
 
 
 def hf_tokenizer(folder: Path) -> Tokenizer:
-    """The folder's tokenizer: tokenizer.json (HFTokenizer) or, for older GPT-2 folders, vocab.json + merges.txt."""
+    """The folder's tokenizer as `load_tokenizer` reads a folder (tokenizer.json, else vocab.json + merges.txt),
+    so data prepared with `--tokenizer <folder>` has the same fingerprint."""
     try:
-        if (folder / "tokenizer.json").is_file():
-            return load_hf_tokenizer(folder)
         return load_tokenizer(folder)
     except TokenizerFileError as e:
         raise HFFormatError(str(e)) from None

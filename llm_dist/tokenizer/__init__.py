@@ -52,9 +52,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     - "gpt2": GPT-2's BPE from the bundled data/gpt2_bpe/gpt2.tiktoken;
     - a path to a file saved by `BPETokenizer.save` (JSON, see docs/tokenizer.md);
     - a path to a `.tiktoken` file (GPT-2 pattern, `<|endoftext|>` after the last rank);
-    - a path to a folder holding vocab.json + merges.txt (GPT-2 / HF layout);
     - a path to a Hugging Face model folder with tokenizer.json (`HFTokenizer`; needs `tokenizers`), or a
-      file saved by `HFTokenizer.save`.
+      file saved by `HFTokenizer.save`;
+    - a path to a folder holding vocab.json + merges.txt and no tokenizer.json (GPT-2 layout, GPT-2 pattern).
 
     Anything else, and any malformed file, raises TokenizerFileError (a ValueError) with one line.
     """
@@ -65,10 +65,12 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         return load_gpt2()
     path = Path(s).expanduser()
     if path.is_dir():
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return load_vocab_merges(path / "vocab.json", path / "merges.txt", name=path.name)
+        # tokenizer.json first: HF folders ship it beside vocab.json + merges.txt, and only it carries the
+        # model's own pre-tokenizer (Qwen2's differs from GPT-2's, which load_vocab_merges assumes).
         if (path / "tokenizer.json").is_file():
             return load_hf_tokenizer(path)
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return load_vocab_merges(path / "vocab.json", path / "merges.txt", name=path.name)
         raise UnknownTokenizerError(f"folder {s!r} has no vocab.json + merges.txt nor tokenizer.json; {_EXPECTED}")
     if path.is_file():
         if path.suffix == ".tiktoken":

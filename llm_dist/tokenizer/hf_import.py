@@ -242,7 +242,15 @@ def load_hf_tokenizer(folder: str | os.PathLike, name: str | None = None) -> HFT
     eos, bos = _token_content(conf.get("eos_token")), _token_content(conf.get("bos_token"))
     if eos is None or bos is None:  # older folders: the ids in config.json, mapped through the vocabulary
         eos, bos = _ids_from_model_config(folder, text, eos, bos)
-    return HFTokenizer(text, name or f"hf:{folder.name}", eos, bos, where=str(tj))
+    return HFTokenizer(text, name or _folder_name(folder), eos, bos, where=str(tj))
+
+
+def _folder_name(folder: Path) -> str:
+    """'hf:<folder>', or 'hf:org/name' for a hub cache snapshot (models--org--name/snapshots/<hash>)."""
+    repo = folder.resolve().parent.parent.name
+    if folder.resolve().parent.name == "snapshots" and repo.startswith("models--"):
+        return "hf:" + repo.removeprefix("models--").replace("--", "/")
+    return f"hf:{folder.name}"
 
 
 def _ids_from_model_config(folder: Path, tokenizer_json: str, eos: str | None, bos: str | None

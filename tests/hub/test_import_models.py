@@ -107,7 +107,8 @@ def test_hub_cache_snapshot_layout_resolves(tmp_path: Path):
     shutil.rmtree(repo / "snapshots" / "old000")
     (repo / "refs" / "main").unlink()  # no ref: the only snapshot
     assert resolve_hf_dir(repo) == snap
-    assert open_hf(repo).model.qkv_bias
+    src = open_hf(repo)
+    assert src.model.qkv_bias and src.tokenizer.name == "hf:org/tiny"
 
 
 def test_tokenizer_equals_transformers_and_survives_a_checkpoint(tmp_path: Path):
@@ -137,6 +138,11 @@ def test_tokenizer_equals_transformers_and_survives_a_checkpoint(tmp_path: Path)
     assert (Path(url) / "hf_tokenizer.json").is_file()
     back = load_checkpoint_tokenizer(url)
     assert isinstance(back, HFTokenizer) and back.fingerprint() == tok.fingerprint() and back.eot_id == 0
+    # no tokenizer_config.json: bos/eos from config.json's ids
+    (tmp_path / "tok" / "tokenizer_config.json").unlink()
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({"eos_token_id": [5, 0], "bos_token_id": 7}))
+    old = load_tokenizer(tmp_path / "tok")
+    assert old.eot_id == 5 and old.bos_id == 7
 
 
 def test_model_keys_that_conflict_with_the_hf_config_are_named():
