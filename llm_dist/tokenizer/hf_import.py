@@ -57,7 +57,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _uses_byte_level(node: object) -> bool:
@@ -131,11 +131,16 @@ class HFTokenizer(Tokenizer):
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Byte-level vocabularies (GPT-2, Llama 3, Qwen2): the exact bytes, token by token, so a piece of a
-        multi-byte character keeps its bytes. Others (SentencePiece-style): the library's decoded text."""
+        multi-byte character keeps its bytes. Others (SentencePiece-style): the library's decoded text.
+
+        Ids past the tokenizer's vocabulary decode to nothing, as in transformers: HF models often have more
+        embedding rows than tokens (Qwen2.5: 151936 rows, 151665 tokens), and a sampler may pick one.
+        """
         ids = [int(i) for i in ids]
-        bad = next((i for i in ids if not 0 <= i < self._vocab_size), None)
+        bad = next((i for i in ids if i < 0), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary of {self.name!r} ({self._vocab_size} ids)")
+        ids = [i for i in ids if i < self._vocab_size]
         if not self._byte_level:
             return self._tok.decode(ids, skip_special_tokens=False).encode("utf-8")
         return b"".join(self._piece(i) for i in ids)

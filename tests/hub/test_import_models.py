@@ -18,7 +18,7 @@ from llm_dist.hub.imports import check_model_conflicts, hf_state_dict, import_hf
 from llm_dist.model.hf_interop import HFFormatError, save_hf
 from llm_dist.model.layers import rope_inv_freq
 from llm_dist.model.transformer import build_model
-from tests.hub.hf_models import EOS, LLAMA3, TEXT, V, hf_model, save_hf_folder, save_tokenizer
+from tests.hub.hf_models import EOS, LLAMA3, TEXT, V, save_hf_folder, save_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -125,6 +125,7 @@ def test_tokenizer_equals_transformers_and_survives_a_checkpoint(tmp_path: Path)
         assert tok.decode(ids) == text == fast.decode(ids)
     assert tok.encode_ordinary(EOS) != [0] and tok.encode(EOS, allowed_special="all") == [0]
     assert b"".join(tok.decode_bytes([i]) for i in tok.encode_ordinary("é✓")) == "é✓".encode()  # split characters
+    assert tok.decode_bytes([310, *tok.encode_ordinary("hi")]) == b"hi"  # a model row past the tokenizer: nothing
     chat = add_chat_tokens(tok)
     assert [chat.special_tokens[t] for t in CHAT_TOKENS] == [300, 301, 302, 303] and chat.vocab_size == 304
     assert chat.encode_ordinary(TEXT[0]) == tok.encode_ordinary(TEXT[0])
@@ -132,10 +133,18 @@ def test_tokenizer_equals_transformers_and_survives_a_checkpoint(tmp_path: Path)
     chat.save(tmp_path / "saved.json")
     assert load_tokenizer(tmp_path / "saved.json").fingerprint() == chat.fingerprint() != tok.fingerprint()
     # import-hf stores it in the checkpoint (hf_tokenizer.json) and it reloads with no source folder
-    save_hf_folder("llama3", tmp_path / "hf")
+    hf = save_hf_folder("llama3", tmp_path / "hf")
     url = import_hf(tmp_path / "hf", tmp_path / "run")
     shutil.rmtree(tmp_path / "hf")
     assert (Path(url) / "hf_tokenizer.json").is_file()
+    # ... and the weights, as a stage's init_from reads them (chat tokens: 304 ids fit the 317 rows)
+    from llm_dist.stages import checkpoint_model_config, init_from_checkpoint
+
+    model = build_model(checkpoint_model_config(url), "cpu").eval()
+    init_from_checkpoint(model, url, V)
+    idx = torch.randint(0, V, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[:, :, :V], hf(idx).logits, atol=1e-5, rtol=1e-5)
     back = load_checkpoint_tokenizer(url)
     assert isinstance(back, HFTokenizer) and back.fingerprint() == tok.fingerprint() and back.eot_id == 0
     # no tokenizer_config.json: bos/eos from config.json's ids
