@@ -98,13 +98,28 @@ def test_pretrain_reward_grpo_ppo_start_from_hf_folders(tmp_path: Path, sft_rows
     assert pre["model"]["rope_scaling"]["type"] == "llama3" and pre["tokenizer"]["name"] == str(tmp_path / "llama")
 
 
-def test_bad_hf_folder_is_one_line_exit_2(tmp_path: Path, sft_rows: Path):
+def test_bad_hf_folder_is_one_line_exit_2(tmp_path: Path, sft_rows: Path, capsys):
+    # In process, through the launchers' own entry point (`cli.run`: parsing, the stage, one-line errors).
+    from llm_dist.cli import run
+    from llm_dist.rl.stage import main as grpo_main
+    from llm_dist.sft.stage import main as sft_main
+
     save_hf_folder("llama3", tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    p = run_launcher(["launch/sft.py", f"sft.init_from={tmp_path / 'hf'}", f"sft.data={sft_rows}",
-                      f"out_dir={tmp_path / 'o'}"], check=False)
-    assert p.returncode == 2, p.stderr
-    err = p.stderr.strip().splitlines()
+    capsys.readouterr()
+    assert run(sft_main, [f"sft.init_from={tmp_path / 'hf'}", f"sft.data={sft_rows}", "parallel.device=cpu",
+                          f"out_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rope_type='yarn' is not supported" in err[0] and str(tmp_path / "hf") in err[0]
+    # a folder with neither a checkpoint nor config.json, and a model key that contradicts config.json
+    assert run(grpo_main, [f"rl.init_from={tmp_path}", "parallel.device=cpu", f"out_dir={tmp_path / 'o2'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nor a Hugging Face model folder" in err[0]
+    save_hf_folder("gpt2", tmp_path / "gpt2")
+    capsys.readouterr()
+    assert run(sft_main, [f"sft.init_from={tmp_path / 'gpt2'}", f"sft.data={sft_rows}", "model.n_layer=6",
+                          "model.pos_emb=rope", "parallel.device=cpu", f"out_dir={tmp_path / 'o3'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop model.n_layer=6 (the model has 2); model.pos_emb='rope'" in err[0]
