@@ -314,25 +314,56 @@ def setup_init_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str]:
     return tok, url
 
 
-def setup_chat_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str | None]:
+def setup_chat_model(cfg: Config, init_from: str, *, switch_format: bool = False) -> tuple[Tokenizer, str | None]:
     """The chat tokenizer and the init checkpoint URL (None: random init) of a post-training stage.
 
-    With `init_from` (a checkpoint or run dir, or a Hugging Face model folder) the tokenizer and the
-    architecture are the source's (see `load_init_source`), and the vocabulary grows by the chat tokens when
-    the source lacks them. Without it, the configured tokenizer plus the chat tokens and a randomly
-    initialised model of cfg.model.
+    With `init_from` (a checkpoint or run dir, or a Hugging Face model folder: `load_init_source`) the
+    tokenizer and the architecture are the source's: cfg.model is replaced, except its dropout (a stage
+    chooses its own) and the vocabulary, which grows by the chat format's tokens (`chat.template`) when the
+    source's tokenizer lacks them (an HF tokenizer that has them, e.g. Qwen's ChatML tokens, keeps its ids).
+    Without it, the configured tokenizer plus those tokens and a randomly initialised model of cfg.model. A
+    checkpoint trained in another chat format is refused (its policy would be read in a format it never
+    saw), except by SFT (`switch_format`), which may teach it the new one and says so.
     """
     from llm_dist.sft.chat import add_chat_tokens
+    from llm_dist.sft.chat_format import chat_format
 
+    fmt = chat_format(cfg.chat.template)
     if not init_from:
-        tok = add_chat_tokens(build_tokenizer(cfg))
+        tok = add_chat_tokens(build_tokenizer(cfg), fmt)
         resolve_vocab(cfg, tok)
         return tok, None
-    tok, url, saved = load_init_source(cfg, init_from)
-    tok = add_chat_tokens(tok)
+    base, url, saved = load_init_source(cfg, init_from)
+    if not _is_hf(url):  # an HF model has no llm_dist chat.template record to check
+        check_chat_format(url, base, fmt.name, "init_from", switch_ok=switch_format)
+    tok = add_chat_tokens(base, fmt)
     saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
     cfg.model = saved
     return tok, url
+
+
+def checkpoint_chat_template(url: str) -> str:
+    """The `chat.template` a checkpoint's run recorded ("project" for runs from before the key existed:
+    that was the only format then)."""
+    chat = read_config_dict(url).get("chat")
+    return str(chat.get("template", "project")) if isinstance(chat, dict) else "project"
+
+
+def check_chat_format(url: str, tok: Tokenizer, template: str, key: str, switch_ok: bool = False) -> None:
+    """ConfigError when the checkpoint at `url` (tokenizer `tok`) was trained in a chat format other than
+    `template`: its run recorded another chat.template and its tokenizer carries that format's tokens (a
+    pretraining checkpoint, or an imported one, was never trained in a chat format). With `switch_ok` a
+    warning instead."""
+    from llm_dist.sft.chat_format import FORMATS
+
+    saved = checkpoint_chat_template(url)
+    trained = FORMATS.get(saved)
+    if trained is None or saved == template or trained.missing_tokens(tok):
+        return
+    msg = f"chat.template={template} but {key} {url} was trained with chat.template={saved}"
+    if not switch_ok:
+        raise ConfigError(f"{msg}; set chat.template={saved}")
+    D.warn0(f"{msg}; fine-tuning it into {template}")
 
 
 def checkpoint_model_config(url: str) -> ModelConfig:

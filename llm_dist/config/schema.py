@@ -229,6 +229,13 @@ class SFTConfig:
 
 
 @dataclass
+class ChatConfig:
+    """How conversations become tokens in SFT, reward/preference data, RL prompts and chat generation."""
+
+    template: str = "project"  # project (<|user|>..<|end|>) | chatml (Qwen <|im_start|>) | llama3 (Llama 3 headers); see docs/chat_formats.md
+
+
+@dataclass
 class RLConfig:
     """GRPO (launch/grpo.py): G sampled completions per prompt, rewarded by a task; train.batch_size = prompts x G."""
 
@@ -311,6 +318,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

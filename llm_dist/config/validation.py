@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 
-from llm_dist.config.schema import (Config, ConfigError, LossConfig, ModelConfig, PPOConfig, ProfileConfig,
+from llm_dist.config.schema import (ChatConfig, Config, ConfigError, LossConfig, ModelConfig, PPOConfig, ProfileConfig,
                                     RewardConfig, RLConfig, SFTConfig)
 
 
@@ -200,6 +200,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a run directory, got ''")
     _validate_sft(cfg.sft)
+    _validate_chat(cfg.chat)
     _validate_rl(cfg.rl)
     _validate_reward(cfg.reward)
     _validate_ppo(cfg.ppo)
@@ -226,6 +227,16 @@ def _validate_loss(loss: LossConfig, m: ModelConfig) -> None:
     _positive("loss.chunk_size", loss.chunk_size, allow_zero=True)
     if loss.impl == "fused" and m.ops == "scratch":
         raise ConfigError("loss.impl=fused needs model.ops=torch (the scratch model uses its hand-written cross-entropy)")
+
+
+# The names of llm_dist.sft.chat_format.FORMATS (the config layer does not import the stages; a test keeps
+# the two in step).
+CHAT_TEMPLATES = ("project", "chatml", "llama3")
+
+
+def _validate_chat(c: ChatConfig) -> None:
+    """chat.* invariants (checked for every stage; the default is valid)."""
+    _choice("chat.template", c.template, CHAT_TEMPLATES)
 
 
 def _validate_sft(s: SFTConfig) -> None:
