@@ -27,12 +27,15 @@ def tokenizer_json() -> str:
     return tk.to_str()
 
 
-def save_tokenizer(folder: Path):  # noqa: ANN201 - transformers.PreTrainedTokenizerFast
-    """tokenizer.json + tokenizer_config.json (eos/bos = <|endoftext|>) in `folder`, as save_pretrained writes them."""
+def save_tokenizer(folder: Path, extra_specials: tuple[str, ...] = ()):  # noqa: ANN201 - PreTrainedTokenizerFast
+    """tokenizer.json + tokenizer_config.json (eos/bos = <|endoftext|>, plus `extra_specials` after the last id)
+    in `folder`, as save_pretrained writes them."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json()), eos_token=EOS, bos_token=EOS)
+    if extra_specials:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_specials)})
     fast.save_pretrained(folder)
     return fast
 
@@ -66,9 +69,9 @@ def hf_model(kind: str, vocab: int = V) -> torch.nn.Module:
     return model
 
 
-def save_hf_folder(kind: str, folder: Path, vocab: int = V) -> torch.nn.Module:
+def save_hf_folder(kind: str, folder: Path, vocab: int = V, extra_specials: tuple[str, ...] = ()) -> torch.nn.Module:
     """A model of `kind` plus the tokenizer saved to `folder`; returns the HF model."""
     model = hf_model(kind, vocab)
     model.save_pretrained(folder)
-    save_tokenizer(folder)
+    save_tokenizer(folder, extra_specials)
     return model

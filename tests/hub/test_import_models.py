@@ -205,3 +205,17 @@ def test_import_hf_tool_exits_2_with_one_line(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'hf'}: weights: missing tensor 'model.layers.1.mlp.up_proj.weight'"]
     assert not (tmp_path / "o" / "checkpoints").exists()  # nothing half-written
+
+
+def test_chat_formats_reuse_or_add_tokens_of_an_hf_tokenizer(tmp_path: Path):
+    from llm_dist.config import Config
+    from llm_dist.stages import setup_chat_model
+
+    save_hf_folder("qwen2_tied", tmp_path / "hf", extra_specials=("<|im_start|>", "<|im_end|>"))  # ids 300, 301
+    for template, vocab, ids in (("chatml", V, {"<|im_start|>": 300, "<|im_end|>": 301}),  # the model's own
+                                 ("project", V, {"<|system|>": 302, "<|end|>": 305})):  # appended, within 317 rows
+        cfg = Config()
+        cfg.chat.template = template
+        tok, url = setup_chat_model(cfg, str(tmp_path / "hf"))
+        assert url == str(tmp_path / "hf") and cfg.model.vocab_size == vocab and cfg.model.qkv_bias
+        assert {t: tok.special_tokens[t] for t in ids} == ids
