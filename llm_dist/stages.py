@@ -15,9 +15,9 @@ import torch
 from llm_dist import distributed as D
 from llm_dist.checkpoint import (CheckpointManager, list_checkpoints, load_checkpoint, load_checkpoint_tokenizer,
                                  read_config_dict, resolve_checkpoint, set_rng_state, verify)
-from llm_dist.checkpoint.manager import explain_missing, warn_incomplete, without_url
+from llm_dist.checkpoint.manager import explain_missing, read_json, tokenizer_record_name, warn_incomplete, without_url
 from llm_dist.checkpoint.sharded import CheckpointReadError, UnsafeCheckpointError, one_line
-from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
+from llm_dist.config import Config, ConfigError, ModelConfig, TokenizerConfig, apply_dict
 from llm_dist.distributed import Runtime
 from llm_dist.run_lock import RunLock, RunLockError
 from llm_dist.model.transformer import Transformer
@@ -274,17 +274,61 @@ def train_eval_rows(section: str, data: str, eval_data: str, fraction: float, se
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def load_init_source(cfg: Config, init_from: str) -> tuple[Tokenizer, str, ModelConfig]:
+    """(tokenizer, URL or folder, model config) of a stage's `init_from`: an llm_dist checkpoint (or run /
+    checkpoints dir), or a Hugging Face model folder / hub cache folder (llm_dist.hub.imports).
+
+    The model config is the source's, except dropout and score_head (the stage's choice) and, for an HF
+    source, the few keys that do not change the weights (`hub.imports.FREE_MODEL_KEYS`); an HF source with
+    other model.* keys set to different values is a ConfigError naming them.
+    """
+    from llm_dist.checkpoint import resolve_checkpoint
+    from llm_dist.hub.imports import HFFormatError, describe, model_for_stage, open_hf, resolve_hf_dir
+
+    path = resolve_path(init_from)
+    url = resolve_checkpoint(path)
+    if url is not None:
+        saved = checkpoint_model_config(url)
+        saved.dropout = cfg.model.dropout
+        saved.score_head = cfg.model.score_head  # the stage decides (reward model, PPO value), not the checkpoint
+        return load_checkpoint_tokenizer(url), url, saved
+    if resolve_hf_dir(path) is None:
+        raise ConfigError(f"init_from {init_from}: {explain_missing(path)} (nor a Hugging Face model folder "
+                          "with config.json, or a hub cache models--org--name folder)")
+    try:
+        src = open_hf(path, cfg.model.vocab_multiple)
+    except HFFormatError as e:
+        raise ConfigError(f"init_from {init_from}: {e}") from None
+    D.print0(f"init_from: {describe(src)}")
+    return src.tokenizer, str(src.folder), model_for_stage(cfg.model, src, f"init_from {init_from}")
+
+
+def setup_init_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str]:
+    """Pretraining's `checkpoint.init_from`: the source's tokenizer and architecture replace the configured ones
+    (tokenizer.name records where it came from). Returns (tokenizer, init URL or HF folder)."""
+    tok, url, model = load_init_source(cfg, init_from)
+    model.vocab_size = max(model.vocab_size, tok.vocab_size)
+    cfg.model = model
+    # The spec checkpoints record: the HF folder, or the spec the init checkpoint recorded.
+    spec = url if _is_hf(url) else str(read_json(url, tokenizer_record_name(url)).get("spec", tok.name))
+    if cfg.tokenizer.name not in (TokenizerConfig.name, spec):  # a tokenizer the user asked for, not the source's
+        raise ConfigError(f"tokenizer.name={cfg.tokenizer.name!r} conflicts with checkpoint.init_from={init_from}, "
+                          f"whose weights belong to its own tokenizer ({spec}); drop tokenizer.name")
+    cfg.tokenizer.name = spec
+    return tok, url
+
+
 def setup_chat_model(cfg: Config, init_from: str, *, switch_format: bool = False) -> tuple[Tokenizer, str | None]:
     """The chat tokenizer and the init checkpoint URL (None: random init) of a post-training stage.
 
-    With `init_from` (a checkpoint or run dir) the tokenizer and the architecture are the checkpoint's:
-    cfg.model is replaced, except its dropout (a stage chooses its own) and the vocabulary, which grows by
-    the chat format's tokens (`chat.template`) when the checkpoint's tokenizer lacks them. Without it, the
-    configured tokenizer plus those tokens and a randomly initialised model of cfg.model. A checkpoint
-    trained in another chat format is refused (its policy would be read in a format it never saw), except
-    by SFT (`switch_format`), which may teach it the new one and says so.
+    With `init_from` (a checkpoint or run dir, or a Hugging Face model folder: `load_init_source`) the
+    tokenizer and the architecture are the source's: cfg.model is replaced, except its dropout (a stage
+    chooses its own) and the vocabulary, which grows by the chat format's tokens (`chat.template`) when the
+    source's tokenizer lacks them (an HF tokenizer that has them, e.g. Qwen's ChatML tokens, keeps its ids).
+    Without it, the configured tokenizer plus those tokens and a randomly initialised model of cfg.model. A
+    checkpoint trained in another chat format is refused (its policy would be read in a format it never
+    saw), except by SFT (`switch_format`), which may teach it the new one and says so.
     """
-    from llm_dist.checkpoint import load_checkpoint_tokenizer
     from llm_dist.sft.chat import add_chat_tokens
     from llm_dist.sft.chat_format import chat_format
 
@@ -293,14 +337,11 @@ def setup_chat_model(cfg: Config, init_from: str, *, switch_format: bool = False
         tok = add_chat_tokens(build_tokenizer(cfg), fmt)
         resolve_vocab(cfg, tok)
         return tok, None
-    url = resolve_checkpoint_url(init_from)
-    base = load_checkpoint_tokenizer(url)
-    check_chat_format(url, base, fmt.name, "init_from", switch_ok=switch_format)
+    base, url, saved = load_init_source(cfg, init_from)
+    if not _is_hf(url):  # an HF model has no llm_dist chat.template record to check
+        check_chat_format(url, base, fmt.name, "init_from", switch_ok=switch_format)
     tok = add_chat_tokens(base, fmt)
-    saved = checkpoint_model_config(url)
     saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
-    saved.dropout = cfg.model.dropout
-    saved.score_head = cfg.model.score_head  # the stage decides (reward model, PPO value), not the checkpoint
     cfg.model = saved
     return tok, url
 
@@ -354,8 +395,28 @@ def resize_vocab_rows(sd: dict[str, torch.Tensor], old_vocab: int, new_vocab: in
         sd[key] = out
 
 
+def _is_hf(url: str) -> bool:
+    from llm_dist.hub.imports import resolve_hf_dir
+
+    return "://" not in url and resolve_hf_dir(url) is not None
+
+
+def _hf_weights(model: torch.nn.Module, folder: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(the HF model's config, its weights under llm_dist names) for `init_from_checkpoint`; a bad folder or
+    missing tensor is a ConfigError (one line)."""
+    from llm_dist.hub.imports import HFFormatError, hf_state_dict, open_hf
+
+    cfg = getattr(model, "cfg", None)
+    try:
+        src = open_hf(folder, cfg.vocab_multiple if cfg is not None else 64)
+        return src.model, hf_state_dict(src, cfg.block_size if cfg is not None else None)
+    except HFFormatError as e:
+        raise ConfigError(f"init_from {folder}: {e}") from None
+
+
 def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> None:
-    """Initialise a built (maybe sharded) model with a checkpoint's weights, growing its vocabulary.
+    """Initialise a built (maybe sharded) model with a checkpoint's (or an HF folder's) weights, growing its
+    vocabulary.
 
     Every rank reads the full weights into CPU memory (collective under a process group), resizes them,
     and loads them with `set_model_state_dict`, which shards them under FSDP.
@@ -365,10 +426,11 @@ def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> No
     from llm_dist.checkpoint.manager import load_checkpoint_weights
     from llm_dist.model.transformer import build_model, padded_vocab_size
 
-    old_cfg = checkpoint_model_config(url)
-    src = build_model(old_cfg, "cpu")
-    load_checkpoint_weights(src, url)
-    sd = src.state_dict()
+    old_cfg, sd = _hf_weights(model, url) if _is_hf(url) else (checkpoint_model_config(url), None)
+    if sd is None:
+        src = build_model(old_cfg, "cpu")
+        load_checkpoint_weights(src, url)
+        sd = src.state_dict()
     if new_vocab != old_cfg.vocab_size:
         resize_vocab_rows(sd, old_cfg.vocab_size, new_vocab, padded_vocab_size(new_vocab, old_cfg.vocab_multiple))
     # The scalar head (reward score / PPO value) may exist on one side only: a new head keeps its fresh

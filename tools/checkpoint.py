@@ -8,6 +8,7 @@
     python tools/checkpoint.py convert model.pt --out model.safetensors --config runs/default/config.yaml
     python tools/checkpoint.py convert model.safetensors --out model_bf16.safetensors --dtype bf16
     python tools/checkpoint.py export-hf runs/sft out/hf-model             # a folder transformers loads as is
+    python tools/checkpoint.py import-hf ~/models/Qwen2.5-0.5B runs/qwen-base   # HF folder -> init_from-able run
 
 Checkpoints may be local paths or fsspec URLs; outputs are local files. Bad input prints one line
 (`error: <file>: <what was expected>`) and exits with status 2. See docs/checkpoints.md.
@@ -28,6 +29,7 @@ from llm_dist.checkpoint.tools import (DTYPES, CheckpointToolError, compare_logi
 from llm_dist.cli_args import ArgumentParser  # noqa: E402 - one-line argparse errors, exit 2
 from llm_dist.config import ConfigError  # noqa: E402
 from llm_dist.hub.export import ExportError  # noqa: E402
+from llm_dist.model.hf_interop import HFFormatError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -83,6 +85,13 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     s = export_hf(args.path, args.out, DTYPES[args.dtype], force=args.force)
     print(f"wrote {s['out']} ({s['architecture']}, {s['dtype']}, tokenizer {s['tokenizer']}"
           f"{', chat template' if s['chat'] else ''}; eos ids {s['eos_token_id']}) from {s['checkpoint']}")
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from llm_dist.hub.imports import describe, import_hf, open_hf
+
+    url = import_hf(args.hf_dir, args.out)
+    print(f"wrote {url} ({describe(open_hf(args.hf_dir))}); start any stage with *.init_from={args.out}")
     return 0
 
 
@@ -124,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder, replacing the exported files")
     p.set_defaults(fn=cmd_export_hf)
+    p = sub.add_parser("import-hf", help="a Hugging Face folder (or hub cache snapshot) -> an llm_dist run to init_from")
+    p.add_argument("hf_dir", help="folder with config.json + *.safetensors + tokenizer.json, or models--org--name")
+    p.add_argument("out", help="run directory to write (config.yaml + checkpoints/step_00000000)")
+    p.set_defaults(fn=cmd_import_hf)
     return ap
 
 
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError, ExportError) as e:
+    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError, ExportError,
+            HFFormatError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -6,8 +6,9 @@ One checkpoint, `<out_dir>/checkpoints/step_00001000/`:
     train_state.json   trainer counters, grad-scaler state, data-loader position (global: any world size)
     rng/rank_<r>.pt    each rank's python/numpy/torch/CUDA RNG state
     config.yaml        the resolved run config
-    llm_dist_tokenizer.json  which tokenizer the ids belong to (+ llm_dist_tokenizer.bpe.json for a stored BPE;
-                       checkpoints from before the rename: tokenizer.json / tokenizer.bpe.json, still read)
+    llm_dist_tokenizer.json  which tokenizer the ids belong to (+ llm_dist_tokenizer.bpe.json for a stored BPE,
+                       or hf_tokenizer.json for one imported from a Hugging Face folder; checkpoints from
+                       before the rename: tokenizer.json / tokenizer.bpe.json, still read)
     meta.json          step, world size, strategy, time, every file with its size and block CRC-32s
     COMPLETE           written last: without it the directory is never loaded
 
@@ -44,7 +45,7 @@ from llm_dist import distributed as D
 from llm_dist.checkpoint import integrity, sharded
 from llm_dist.checkpoint.rng import get_rng_state
 from llm_dist.checkpoint.sharded import CheckpointReadError, one_line
-from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
 BUILTIN_TOKENIZERS = ("byte", "gpt2")
@@ -260,10 +261,11 @@ def _tokenizer_files(tok: Tokenizer, spec: str) -> dict[str, bytes]:
     if spec not in BUILTIN_TOKENIZERS:  # the checkpoint must not depend on a file elsewhere
         import tempfile
 
+        name = HF_TOKENIZER_FILE if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
         with tempfile.TemporaryDirectory() as tmp:
-            tok.save(Path(tmp) / TOKENIZER_FILE)
-            files[TOKENIZER_FILE] = (Path(tmp) / TOKENIZER_FILE).read_bytes()
-        info["file"] = TOKENIZER_FILE
+            tok.save(Path(tmp) / name)
+            files[name] = (Path(tmp) / name).read_bytes()
+        info["file"] = name
     files[TOKENIZER_RECORD] = json.dumps(info, indent=1).encode()
     return files
 
@@ -273,6 +275,7 @@ def _tokenizer_files(tok: Tokenizer, spec: str) -> dict[str, bytes]:
 # written before the rename hold the LEGACY_* names, which are still read.
 TOKENIZER_RECORD = "llm_dist_tokenizer.json"  # spec, name, vocab size, fingerprint (+ "file" for a stored BPE)
 TOKENIZER_FILE = "llm_dist_tokenizer.bpe.json"  # a trained / extended BPE, BPETokenizer.save's format
+HF_TOKENIZER_FILE = "hf_tokenizer.json"  # an imported Hugging Face tokenizer (HFTokenizer.save's format)
 LEGACY_TOKENIZER_RECORD, LEGACY_TOKENIZER_FILE = "tokenizer.json", "tokenizer.bpe.json"
 
 
@@ -299,16 +302,16 @@ def load_checkpoint_tokenizer(url: str) -> Tokenizer:
     try:
         if "file" in info:
             # A fixed name, never a path that could point outside the checkpoint.
-            allowed = TOKENIZER_FILE if record == TOKENIZER_RECORD else LEGACY_TOKENIZER_FILE
-            if info["file"] != allowed:
-                raise CheckpointReadError(f"checkpoint {url}/{record}: 'file' must be {allowed!r}, "
-                                          f"got {info['file']!r}")
+            allowed = (TOKENIZER_FILE, HF_TOKENIZER_FILE) if record == TOKENIZER_RECORD else (LEGACY_TOKENIZER_FILE,)
+            if info["file"] not in allowed:
+                raise CheckpointReadError(f"checkpoint {url}/{record}: 'file' must be one of "
+                                          f"{', '.join(map(repr, allowed))}, got {info['file']!r}")
             import tempfile
 
             fs, root = _fs(url)
             with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / TOKENIZER_FILE
-                local.write_bytes(fs.cat_file(posixpath.join(root, allowed)))
+                local = Path(tmp) / info["file"]
+                local.write_bytes(fs.cat_file(posixpath.join(root, info["file"])))
                 tok = load_tokenizer(local)
         elif spec in BUILTIN_TOKENIZERS:
             tok = load_tokenizer(spec)

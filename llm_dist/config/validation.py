@@ -69,6 +69,22 @@ def _validate_moe(m: ModelConfig) -> None:
                           f"(model.n_layer={m.n_layer})")
 
 
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    r = m.rope_scaling
+    _choice("model.rope_scaling.type", r.type, ("none", "linear", "llama3"))
+    if r.type == "none":
+        return
+    if m.pos_emb != "rope":
+        raise ConfigError(f"model.rope_scaling.type={r.type} needs model.pos_emb=rope, got {m.pos_emb!r}")
+    _positive("model.rope_scaling.factor", r.factor)
+    if r.type == "llama3":
+        _positive("model.rope_scaling.low_freq_factor", r.low_freq_factor)
+        _positive("model.rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings)
+        if r.high_freq_factor <= r.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
+                              f"model.rope_scaling.low_freq_factor={r.low_freq_factor} (llama3 scaling)")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """All cross-field invariants in one place. Raises ConfigError (one line) on the first problem."""
     m, t, o = cfg.model, cfg.train, cfg.optim
@@ -96,6 +112,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.rope_theta", m.rope_theta)
+    _validate_rope_scaling(m)
     _choice("model.ops", m.ops, ("torch", "scratch"))
     _validate_attn(m)
     _validate_moe(m)

@@ -1,1 +1,1 @@
-"""Hugging Face Hub folders: export an llm_dist run/checkpoint to a folder `transformers` loads as is."""
+"""Hugging Face interop: export runs to HF folders and import HF folders (weights + tokenizer)."""

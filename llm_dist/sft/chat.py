@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from llm_dist.data.jsonl import read_jsonl_rows
 from llm_dist.sft.chat_format import PROJECT, ChatFormat
-from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer
 from llm_dist.tokenizer.pretokenize import GPT2_PATTERN
 
 SYSTEM, USER, ASSISTANT, END = PROJECT.special_tokens  # the project format's tokens
@@ -46,6 +46,8 @@ def add_chat_tokens(tok: Tokenizer, fmt: ChatFormat = PROJECT) -> Tokenizer:
     if not missing:
         return tok
     suffix = "chat" if fmt is PROJECT else fmt.name  # "+chat": the name project checkpoints always had
+    if isinstance(tok, HFTokenizer):  # a model's own vocabulary: the tokens are added to it (ids after the last)
+        return tok.with_special_tokens(missing, f"{tok.name}+{suffix}")
     if isinstance(tok, ByteTokenizer):
         ranks, pattern, name = {bytes([b]): b for b in range(256)}, GPT2_PATTERN, f"byte+{suffix}"
     elif isinstance(tok, BPETokenizer):
