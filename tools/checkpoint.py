@@ -84,7 +84,10 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     s = export_hf(args.path, args.out, DTYPES[args.dtype], force=args.force)
     print(f"wrote {s['out']} ({s['architecture']}, {s['dtype']}, tokenizer {s['tokenizer']}"
-          f"{', chat template' if s['chat'] else ''}; eos ids {s['eos_token_id']}) from {s['checkpoint']}")
+          f"{', chat template ' + s['chat'] if s['chat'] else ''}; eos ids {s['eos_token_id']}) from {s['checkpoint']}")
+    if s["warning"]:
+        print(f"warning: {s['warning']}", file=sys.stderr)
+    return 0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:

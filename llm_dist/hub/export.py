@@ -38,8 +38,8 @@ from llm_dist.config import Config, apply_dict
 from llm_dist.model.hf_interop import HFFormatError, save_hf
 from llm_dist.model.transformer import build_model
 from llm_dist.sft.chat_format import ChatFormat, chat_format
-from llm_dist.tokenizer import EOT, Tokenizer
-from llm_dist.tokenizer.hf_export import save_hf_tokenizer, special_roles
+from llm_dist.tokenizer import Tokenizer
+from llm_dist.tokenizer.hf_export import eot_token, save_hf_tokenizer, special_roles
 
 # Files an export writes (and, with force, replaces); stale weight shards of an earlier export are removed.
 _WEIGHT_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
@@ -59,7 +59,8 @@ def special_ids(tok: Tokenizer, chat: ChatFormat | None = None) -> dict:
     pad_token_id, for config.json and generation_config.json."""
     roles = special_roles(tok, chat.end_token if chat else None)
     ids = tok.special_tokens
-    eos = [ids[chat.end_token], ids[EOT]] if chat else ids[EOT]
+    eot = ids[eot_token(tok)]
+    eos = [ids[chat.end_token], eot] if chat else eot
     return {"bos_token_id": ids[roles["bos_token"]], "eos_token_id": eos, "pad_token_id": ids[roles["pad_token"]]}
 
 
@@ -69,6 +70,31 @@ def _check_out(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"{out}: folder is not empty (expected a new or empty folder; pass --force to "
                           "overwrite the exported files in it)")
+
+
+# Probe texts for the AutoTokenizer check: words, digit runs, contractions, whitespace, non-ASCII.
+_PROBES = ("Hello world, it's 2026: 12345 + 678 = 13023.", "1+2=3 and 40+2=42; 7+8=15 or 100 20 3",
+           "the quick brown fox jumps over the lazy dog", "  indented\n\ttabs  and   spaces\r\n",
+           "naïve café — 東京 🙂", "don't DON'T they'll I'M")
+
+
+def _auto_tokenizer_problem(folder: Path, tok: Tokenizer) -> str | None:
+    """None if `transformers.AutoTokenizer` loads `folder`'s tokenizer with `tok`'s ids on the probe texts,
+    else a one-line warning. Needed because transformers 5 forces its own tokenizer class for some model
+    types whatever tokenizer_config.json says (qwen2 -> Qwen2Tokenizer, which re-derives Qwen's
+    pre-tokenizer), so a Qwen2-style model exported with another tokenizer would be split differently.
+    Skipped (None) when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    bad = [t for t in _PROBES if hf(t, add_special_tokens=False)["input_ids"] != tok.encode_ordinary(t)]
+    if not bad:
+        return None
+    return (f"transformers' AutoTokenizer loads this folder as {type(hf).__name__}, which tokenizes {len(bad)} of "
+            f"{len(_PROBES)} probe texts differently from the run's tokenizer (e.g. {bad[0]!r}); load it with "
+            "PreTrainedTokenizerFast.from_pretrained(folder), which reads tokenizer.json as written")
 
 
 def resolve_source(path: str) -> str:
@@ -114,6 +140,7 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
                               chat_template=chat.jinja if chat else None)
         except (TypeError, ValueError) as e:  # a tokenizer with no HF equivalent (see tokenizer/hf_export.py)
             raise ExportError(f"checkpoint {url}: tokenizer {tok.name!r} cannot be exported: {e}") from None
+        warning = _auto_tokenizer_problem(tmp, tok)
         out.mkdir(parents=True, exist_ok=True)
         for pattern in _WEIGHT_GLOBS:  # an earlier export's shards must not sit beside the new weights
             for stale in out.glob(pattern):
@@ -124,4 +151,4 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"checkpoint": url, "out": str(out), "architecture": config["model_type"], "files": files,
-            "chat": chat.name if chat else None, "tokenizer": tok.name, "dtype": config["dtype"], **ids}
+            "chat": chat.name if chat else None, "warning": warning, "tokenizer": tok.name, "dtype": config["dtype"], **ids}

@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from llm_dist.tokenizer.base import EOT, Tokenizer
+from llm_dist.tokenizer.base import Tokenizer
 from llm_dist.tokenizer.bpe import BPETokenizer
 from llm_dist.tokenizer.byte import ByteTokenizer
 from llm_dist.tokenizer.gpt2 import bytes_to_unicode
@@ -91,6 +91,12 @@ def build_hf_tokenizer(tok: Tokenizer):  # noqa: ANN201 - tokenizers.Tokenizer (
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
+    from llm_dist.tokenizer.hf_import import HFTokenizer as ImportedTokenizer
+
+    if isinstance(tok, ImportedTokenizer):  # imported from an HF folder: its own tokenizer.json (+ chat tokens)
+        hf = HFTokenizer.from_str(tok.hf_json())
+        hf.encode_special_tokens = False  # HF's default: special-token strings in text are the specials
+        return hf
     ranks, pattern = ranks_of(tok)
     vocab = {_as_chars(t): i for t, i in ranks.items()}
     clash = [s for s in tok.special_tokens if s in vocab]
@@ -116,6 +122,12 @@ def build_hf_tokenizer(tok: Tokenizer):  # noqa: ANN201 - tokenizers.Tokenizer (
     return hf
 
 
+def eot_token(tok: Tokenizer) -> str:
+    """The special token that separates documents (`tok.eot_id`): `<|endoftext|>` for the project's
+    tokenizers, the model's eos token for an imported one (e.g. `</s>`)."""
+    return next(s for s, i in tok.special_tokens.items() if i == tok.eot_id)
+
+
 def special_roles(tok: Tokenizer, eos: str | None = None) -> dict[str, str]:
     """bos/eos/pad/unk token strings for `tokenizer_config.json`.
 
@@ -123,12 +135,16 @@ def special_roles(tok: Tokenizer, eos: str | None = None) -> dict[str, str]:
     ends with (eos, unless `eos` names another special, e.g. a chat model's end-of-turn token); GPT-2's HF
     files make the same choice, unk included (a byte-level BPE never produces it). Padding is a special
     named like a pad token if the tokenizer has one, else `<|endoftext|>` (padded positions are masked).
+    An imported tokenizer keeps its own bos (and `<unk>`), with its eos as the separator.
     """
-    pad = next((p for p in PAD_NAMES if p in tok.special_tokens), EOT)
-    eos = eos or EOT
+    eot = eot_token(tok)
+    pad = next((p for p in PAD_NAMES if p in tok.special_tokens), eot)
+    eos = eos or eot
     if eos not in tok.special_tokens:
         raise ValueError(f"eos token {eos!r} is not a special token of {tok.name!r}")
-    return {"bos_token": EOT, "eos_token": eos, "pad_token": pad, "unk_token": EOT}
+    bos = getattr(tok, "bos_token", None) or eot
+    unk = "<unk>" if "<unk>" in tok.special_tokens else eot
+    return {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
 
 
 def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike, model_max_length: int,

@@ -191,6 +191,10 @@ class HFTokenizer(Tokenizer):
         tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in tokens])
         return HFTokenizer(tok.to_str(), name or self.name, self.eos_token, self.bos_token)
 
+    def hf_json(self) -> str:
+        """The wrapped HF tokenizer.json (added tokens included), as `tokenizers` serialises it."""
+        return self._tok.to_str()
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the one-file format of the module docstring (atomically: a temp file, then a rename)."""
         path = Path(path)

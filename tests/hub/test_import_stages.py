@@ -35,9 +35,10 @@ def sft_rows(tmp_path_factory) -> Path:
 
 
 def test_hf_to_sft_to_hf_round_trip(tmp_path: Path, sft_rows: Path):
+    from llm_dist.hub.export import export_hf
     from llm_dist.model import generate
-    from llm_dist.model.hf_interop import save_hf
     from llm_dist.sample import load_model
+    from llm_dist.sft.chat import prompt_ids
     from llm_dist.tokenizer import HFTokenizer
 
     # vocab 300 = the tokenizer's: the 4 chat tokens grow the embedding (tied, Qwen2 q/k/v biases); the
@@ -52,9 +53,18 @@ def test_hf_to_sft_to_hf_round_trip(tmp_path: Path, sft_rows: Path):
     trained = model.tok_emb.weight[:300].detach()
     assert not torch.allclose(trained, hf0.model.embed_tokens.weight)  # it trained
     torch.testing.assert_close(trained, hf0.model.embed_tokens.weight, atol=0.05, rtol=0)  # from the HF weights
-    save_hf(model, tmp_path / "out")
+    summary = export_hf(str(tmp_path / "sft"), tmp_path / "out")  # the export users run: weights + tokenizer + ids
+    # transformers 5 forces Qwen2Tokenizer (Qwen's own pre-tokenizer regex) for model_type qwen2, and this
+    # test tokenizer splits like GPT-2: the export says so, and PreTrainedTokenizerFast reads the file as is
+    assert "Qwen2Tokenizer" in summary["warning"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "out")
     ids = tok.encode_ordinary(TEXT[1])
+    assert hf_tok(TEXT[1], add_special_tokens=False)["input_ids"] == ids
+    msgs = [{"role": "user", "content": "2+3="}]
+    assert hf_tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False) == prompt_ids(tok, msgs)
+    end = tok.special_tokens["<|end|>"]
+    assert hf.generation_config.eos_token_id[0] == end and hf_tok.eos_token == "<|end|>"
     idx = torch.tensor([ids])
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[:, :, :304], atol=1e-5, rtol=1e-5)
