@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llm_dist.checkpoint.cli import main  # noqa: E402
+from llm_dist.checkpoint.cli import EXIT_BAD_INPUT, main  # noqa: E402,F401 - for callers that import this script
 
 if __name__ == "__main__":
     sys.exit(main())
