@@ -175,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"llm-dist: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    sys.argv = [f"llm-dist {name}", *rest]  # argparse's usage lines then name the subcommand
-    return run_command(name, rest)
+    saved, sys.argv = sys.argv, [f"llm-dist {name}", *rest]  # argparse's usage lines then name the subcommand
+    try:
+        return run_command(name, rest)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ def dataclasses_missing():
 
 def test_llm_dist_command_lists_and_dispatches(capsys) -> None:
     """`llm-dist --help` lists every command; an unknown one is one line and exit 2; each target imports."""
+    import sys
+
     from llm_dist.cli import COMMANDS, main
 
     assert main(["--help"]) == 0
@@ -88,7 +90,9 @@ def test_llm_dist_command_lists_and_dispatches(capsys) -> None:
     assert main([]) == 2
     for name, cmd in COMMANDS.items():
         assert callable(cmd.load()) and cmd.kind in ("stage", "tool"), name
+    argv = list(sys.argv)
     assert main(["checkpoint", "inspect", "/nonexistent/run"]) == 2  # a tool's own exit status comes through
+    assert "llm-dist checkpoint" not in capsys.readouterr().err and sys.argv == argv
 
 
 def test_launchers_are_the_commands_of_their_name() -> None:

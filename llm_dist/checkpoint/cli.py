@@ -73,7 +73,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n")[0],
+    ap = ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.split("\n")[2:]))
     sub = ap.add_subparsers(dest="command", required=True)
