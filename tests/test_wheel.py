@@ -60,17 +60,19 @@ def _run(bin_dir: Path, args: list[str], cwd: Path, timeout: int = 300) -> subpr
 
 
 def test_wheel_carries_its_files_and_runs_the_debug_config_from_elsewhere(installed: Path, tmp_path: Path) -> None:
-    where = _run(installed, ["python", "-c", "import llm_dist; print(llm_dist.__file__)"], tmp_path).stdout.strip()
+    # One interpreter start for two checks: where llm_dist comes from, and the command list (`llm-dist --help`).
+    out = _run(installed, ["python", "-c", "import llm_dist, llm_dist.cli as c; print(llm_dist.__file__); "
+                                           "c.main(['--help'])"], tmp_path).stdout
+    where = out.splitlines()[0].strip()
     assert Path(where).is_relative_to(installed.parent), f"llm_dist imported from {where}, not from the venv"
     site = Path(where).parent
     for f in ("configs/debug.yaml", "assets/gpt2_bpe/gpt2.tiktoken", "assets/gpt2_bpe/LICENSE.whisper-MIT",
               "assets/tinyshakespeare/input.txt", "assets/tinyshakespeare/README.md"):
         assert (site / f).is_file(), f"the wheel lacks llm_dist/{f}"
-
-    usage = _run(installed, ["llm-dist", "--help"], tmp_path).stdout
     for command in ("pretrain", "sft", "reward", "ppo", "grpo", "generate", "evaluate", "prepare", "tokenizer",
                     "checkpoint"):
-        assert f"  {command} " in usage, usage
+        assert f"  {command} " in out, out
+    assert (installed / "llm-dist").is_file()  # the console script; it runs the commands below
 
     # The debug config by name, GPT-2's BPE from the package, the default corpus (data.source) from the package.
     work = tmp_path / "elsewhere"
@@ -83,6 +85,7 @@ def test_wheel_carries_its_files_and_runs_the_debug_config_from_elsewhere(instal
     assert (run / "checkpoints" / "step_00000002").is_dir() and (work / "data" / "prepared").is_dir()
     index = json.loads((work / "data/prepared/shakespeare_byte/index.json").read_text())
     assert index["tokenizer"]["name"] == "gpt2"
+    assert [Path(src["url"]) for src in index["recipe"]["sources"]] == [site / "assets/tinyshakespeare/input.txt"], index
 
     info = json.loads(_run(installed, ["llm-dist", "checkpoint", "inspect", str(run), "--json"], work).stdout)
     assert info["format"] == "dcp" and info["step"] == 2 and info["path"].endswith("step_00000002"), info
