@@ -116,4 +116,5 @@ def test_torchrun_module_form_runs_two_ranks(tmp_path, prepared_byte_data) -> No
     p = subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "2 rank(s) on cpu" in p.stdout and "step 1/1 |" in p.stdout
+    assert p.stdout.count("CPU threads per rank: 1 (OMP_NUM_THREADS=1)") == 1  # the exported value wins; said once
     assert (tmp_path / "checkpoints" / "step_00000001").is_dir()
