@@ -25,7 +25,7 @@ from llm_dist.parallel import build_parallel_model
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, checkpoint_saver,  # noqa: F401
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, RunResult, build_tokenizer, checkpoint_saver,  # noqa: F401
                              open_checkpoints, resolve_path, resolve_vocab, run_fit, setup_init_model,
                              stage_throughput, write_run_config)
 
@@ -74,9 +74,9 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
     return sample
 
 
-def main(cfg: Config) -> int:
-    """Run pretraining; returns the process exit code."""
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+def main(cfg: Config) -> RunResult:
+    """Run pretraining; returns the run directory, the last logged metrics and the process exit code."""
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
         init_url = None
         if cfg.checkpoint.init_from:  # the source's tokenizer and architecture (HF folder or checkpoint)

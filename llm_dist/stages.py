@@ -7,12 +7,14 @@ Moved out of `llm_dist/pretrain.py` so that the post-training stages reuse the e
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from llm_dist import distributed as D
+from llm_dist.bundled import bundled_path
 from llm_dist.checkpoint import (CheckpointManager, list_checkpoints, load_checkpoint, load_checkpoint_tokenizer,
                                  read_config_dict, resolve_checkpoint, set_rng_state, verify)
 from llm_dist.checkpoint.manager import explain_missing, read_json, tokenizer_record_name, warn_incomplete, without_url
@@ -31,11 +33,26 @@ EXIT_NONFINITE = 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@dataclass
+class RunResult:
+    """What a stage's `main(cfg)` returns: where the run wrote its checkpoints / metrics.jsonl / config.yaml,
+    the last value of every metric it logged (`loss`, `val/loss`, `tok_per_s`, ...; empty on ranks other
+    than 0 when nothing was logged there) and the process exit status (`cli.run` exits with it)."""
+
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    exit_code: int = 0  # 0 finished | EXIT_REQUEUE stopped by a signal, saved | EXIT_NONFINITE halted on NaN/Inf
+
+
 def resolve_path(p: str) -> str:
-    """Relative paths resolve against the current directory, else the repository root (bundled data)."""
+    """Relative paths resolve against the current directory, else the repository root of a checkout (its
+    data/ files), else the files shipped in the package (`data/tinyshakespeare/...` from an installed wheel)."""
     if "://" in p or Path(p).is_absolute() or Path(p).exists() or any(c in p for c in "*?["):
         return p
-    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else p
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / p).exists():  # a checkout, not site-packages
+        return str(REPO_ROOT / p)
+    shipped = bundled_path(p)
+    return str(shipped) if shipped is not None else p
 
 
 def build_tokenizer(cfg: Config) -> Tokenizer:
@@ -48,9 +65,9 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
 
 
 def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # noqa: ANN001
-            save_checkpoint: Callable[[], None], **fit_kwargs) -> int:
+            save_checkpoint: Callable[[], None], **fit_kwargs) -> RunResult:
     """Run the training loop (`fit`, extra keyword arguments passed on), then wait for the last checkpoint
-    write; returns the process exit code.
+    write; returns the run directory, the last logged metrics and the process exit code:
 
     0 when finished (or stopped by Ctrl-C after saving); EXIT_REQUEUE when a scheduler's SIGTERM/SIGUSR1
     stopped it after saving; EXIT_NONFINITE when it halted on NaN/Inf (the last checkpoint is left as is).
@@ -69,13 +86,12 @@ def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # 
         ckpt.close()  # the end of training waits for the last background write
     except NonFiniteError as e:
         D.print0(f"error: {e}")
-        return EXIT_NONFINITE
+        return RunResult(out_dir, dict(logger.latest), EXIT_NONFINITE)
     finally:
         logger.close()
     D.print0(f"{stage} {reason} at step {trainer.state.step}; run directory: {out_dir}")
-    if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
-        return EXIT_REQUEUE
-    return 0
+    code = EXIT_REQUEUE if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT) else 0
+    return RunResult(out_dir, dict(logger.latest), code)
 
 
 def resolve_vocab(cfg: Config, tok: Tokenizer) -> None:

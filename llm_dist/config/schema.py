@@ -145,6 +145,7 @@ class ParallelConfig:
     strategy: str = "auto"  # auto (ddp with >1 rank, else single) | single | ddp | fsdp | hsdp
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    cpu_threads: int = 0  # CPU runs: torch threads per rank; 0 = auto (usable cores / ranks on this node, or OMP_NUM_THREADS if set)
     ddp_bucket_mb: int = 25  # DDP gradient bucket size in MiB
     hsdp_replicas: int = 0  # hsdp: replica groups (mesh dim 0); 0 = number of nodes (world / ranks per node)
     reshard_after_forward: bool = True  # fsdp: free gathered params after forward (less memory, one more all-gather)

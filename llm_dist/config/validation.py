@@ -175,6 +175,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("train.dtype=fp16 is not supported with fsdp/hsdp (no sharded grad scaler); use bf16")
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _choice("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda"))
+    _positive("parallel.cpu_threads", cfg.parallel.cpu_threads, allow_zero=True)
     if cfg.parallel.strategy == "single" and world_size > 1:
         raise ConfigError(f"parallel.strategy=single cannot run with world_size={world_size}; use ddp")
     _positive("parallel.ddp_bucket_mb", cfg.parallel.ddp_bucket_mb)

@@ -22,7 +22,7 @@ from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
 from llm_dist.reward.loss import RewardLoss
 from llm_dist.sft.chat import DataError
 from llm_dist.sft.chat_format import chat_format
-from llm_dist.stages import (checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
+from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
                              train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
@@ -34,13 +34,14 @@ def split_pairs(cfg: Config) -> tuple[list[Pair], list[Pair]]:
     return train_eval_rows("reward", r.data, r.eval_data, r.eval_fraction, cfg.train.seed, read_pairs)
 
 
-def main(cfg: Config) -> int:
-    """Train a reward model; returns the process exit code (0, EXIT_REQUEUE, EXIT_NONFINITE)."""
+def main(cfg: Config) -> RunResult:
+    """Train a reward model; returns the run directory, last metrics and exit code (0, EXIT_REQUEUE,
+    EXIT_NONFINITE)."""
     try:
         train_pairs, eval_pairs = split_pairs(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = True
         tok, init_url = setup_chat_model(cfg, cfg.reward.init_from)

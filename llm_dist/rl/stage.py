@@ -39,7 +39,7 @@ from llm_dist.rl.source import RolloutSource, chat_prompt
 from llm_dist.rl.tasks import Task, get_task
 from llm_dist.sft.chat_format import PROJECT, ChatFormat, chat_format
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import (check_chat_format, checkpoint_saver, init_from_checkpoint, open_checkpoints,
+from llm_dist.stages import (RunResult, check_chat_format, checkpoint_saver, init_from_checkpoint, open_checkpoints,
                              resolve_checkpoint_url, run_fit, setup_chat_model, stage_throughput, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
@@ -94,17 +94,19 @@ def check_batch(cfg: Config, world_size: int, algo: str = "grpo") -> None:
                           f"(train.micro_batch_size={t.micro_batch_size})")
 
 
-def main(cfg: Config) -> int:
-    """Run GRPO; returns the process exit code (0, EXIT_REQUEUE after a scheduler signal, EXIT_NONFINITE)."""
+def main(cfg: Config) -> RunResult:
+    """Run GRPO; returns the run directory, last metrics and exit code (0, EXIT_REQUEUE after a scheduler
+    signal, EXIT_NONFINITE)."""
     return run_rl(cfg, "grpo")
 
 
-def ppo_main(cfg: Config) -> int:
-    """Run PPO; returns the process exit code (0, EXIT_REQUEUE after a scheduler signal, EXIT_NONFINITE)."""
+def ppo_main(cfg: Config) -> RunResult:
+    """Run PPO; returns the run directory, last metrics and exit code (0, EXIT_REQUEUE after a scheduler
+    signal, EXIT_NONFINITE)."""
     return run_rl(cfg, "ppo")
 
 
-def run_rl(cfg: Config, algo: str) -> int:
+def run_rl(cfg: Config, algo: str) -> RunResult:
     """The GRPO or PPO stage (see the module docstring)."""
     r, t = cfg.rl, cfg.train
     check_batch(cfg, world_size_from_env(), algo)  # before any process group or file
@@ -112,7 +114,7 @@ def run_rl(cfg: Config, algo: str) -> int:
         task = get_task(r.task, r.task_level, r.task_seed, r.data_dir)
     except (ValueError, OSError) as e:  # unknown task, missing GSM8K files: one line
         raise ConfigError(f"rl.task: {e}") from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = algo == "ppo"  # PPO's value head shares the policy's backbone
         tok, init_url = setup_chat_model(cfg, r.init_from)

@@ -49,7 +49,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """Build a tokenizer from a config string.
 
     - "byte": `ByteTokenizer`;
-    - "gpt2": GPT-2's BPE from the bundled data/gpt2_bpe/gpt2.tiktoken;
+    - "gpt2": GPT-2's BPE from the bundled llm_dist/assets/gpt2_bpe/gpt2.tiktoken;
     - a path to a file saved by `BPETokenizer.save` (JSON, see docs/tokenizer.md);
     - a path to a `.tiktoken` file (GPT-2 pattern, `<|endoftext|>` after the last rank);
     - a path to a Hugging Face model folder with tokenizer.json (`HFTokenizer`; needs `tokenizers`), or a

@@ -4,6 +4,7 @@ launcher in a subprocess, one line per event, and nothing good deleted or change
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -176,7 +177,7 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(tmp_path: Path, prepared
     workers: list[psutil.Process] = []
     try:
         deadline = time.time() + 180
-        while "step      3 |" not in log.read_text():
+        while not re.search(r"^step +3/\d+ \|", log.read_text(), re.M):
             assert time.time() < deadline and agent.poll() is None, log.read_text()[-2000:]
             time.sleep(0.2)
         workers = [p for p in psutil.Process(agent.pid).children(recursive=True)
