@@ -9,8 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llm_dist.cli import run  # noqa: E402
-from llm_dist.pretrain import main  # noqa: E402
+from llm_dist.cli import run_command  # noqa: E402 - the same command as `llm-dist pretrain`
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(run_command("pretrain"))

@@ -1,4 +1,9 @@
-"""Entry point shared by the launchers: parse + validate the config, run a stage, map errors to exit codes.
+"""Entry point shared by the launchers and the `llm-dist` command: parse + validate the config, run a stage,
+map errors to exit codes.
+
+`llm-dist <command> ARGS` (installed by pip) and `torchrun -m llm_dist.cli <command> ARGS` run the commands
+of `COMMANDS` with the same ARGS as the launcher of the same name (`launch/pretrain.py ARGS`, ...): a stage
+takes `[--config PATH|NAME] [key=value ...]`, a tool its own flags. Adding a command is one line there.
 
 With `LLM_DIST_EXIT_FILE` set, every process also writes its exit code to that file. A job script needs it:
 under torchrun a worker's exit code is lost (any non-zero worker exit becomes torchrun's own exit 1), yet
@@ -11,8 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from llm_dist.checkpoint.manager import CheckpointWriteError
 from llm_dist.checkpoint.sharded import CheckpointReadError
@@ -24,6 +31,7 @@ from llm_dist.distributed import pick_device, read_launch_env, world_size_from_e
 from llm_dist.eval.multiple_choice import MCFormatError
 from llm_dist.run_lock import RunLockError, release_all
 from llm_dist.sft.chat import DataError
+from llm_dist.stages import RunResult
 from llm_dist.tokenizer import TokenizerFileError
 
 # Errors that describe bad input (a file, a key, a value) in one line: shown without a traceback.
@@ -71,24 +79,36 @@ def check_output_dir(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {problem}")
 
 
-def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = None,
+def check_config(cfg: Config) -> Config:
+    """Validate `cfg` for the launcher's world size, its device and output directories (ConfigError naming
+    the key); returns it. Touches nothing."""
+    cfg.validate(world_size_from_env())
+    check_device(cfg.parallel.device, "parallel.device")
+    check_output_dir(cfg.out_dir, "out_dir")
+    if cfg.checkpoint.dir:
+        check_output_dir(cfg.checkpoint.dir, "checkpoint.dir")
+    return cfg
+
+
+def exit_code(result: RunResult | int | None) -> int:
+    """A stage's return value (a RunResult, or a bare exit code from older callers) as the exit status."""
+    return result.exit_code if isinstance(result, RunResult) else int(result or 0)
+
+
+def run(stage_main: Callable[[Config], RunResult | int | None], argv: list[str] | None = None,
         default_config: str | None = None) -> int:
-    """Parse `[--config PATH] [key=value ...]`, validate for the launcher's world size, run the stage.
+    """Parse `[--config PATH|NAME] [key=value ...]`, validate for the launcher's world size, run the stage.
 
     A bad config prints one line and exits 2 before any process group, directory or file is touched; bad
     input found later (a missing data file, a corrupt tokenizer or checkpoint) also prints one line, exit 2.
     """
     try:
-        cfg = parse_args(argv, default_config).validate(world_size_from_env())
-        check_device(cfg.parallel.device, "parallel.device")
-        check_output_dir(cfg.out_dir, "out_dir")
-        if cfg.checkpoint.dir:
-            check_output_dir(cfg.checkpoint.dir, "checkpoint.dir")
+        cfg = check_config(parse_args(argv, default_config))
     except ConfigError as e:
         print(f"config error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
     try:
-        return report_exit(int(stage_main(cfg) or 0))
+        return report_exit(exit_code(stage_main(cfg)))
     except USER_ERRORS as e:  # bad input found after start-up (files, data, checkpoints): one line, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return report_exit(2)
@@ -97,3 +117,71 @@ def run(stage_main: Callable[[Config], int | None], argv: list[str] | None = Non
         return report_exit(1)
     finally:
         release_all()  # the run directory's lock, whatever way the stage ended
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `llm-dist` subcommand: `target` is "module:function", imported only when the command runs."""
+
+    target: str
+    kind: str  # "stage": function(cfg) -> RunResult, run by `run` | "tool": function(argv) -> exit status
+    help: str
+
+    def load(self) -> Callable:
+        module, _, name = self.target.partition(":")
+        return getattr(import_module(module), name)
+
+
+# The commands of `llm-dist` and `torchrun -m llm_dist.cli`; launch/<name>.py runs the entry of its name.
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command("llm_dist.pretrain:main", "stage", "pretrain a decoder-only transformer"),
+    "sft": Command("llm_dist.sft.stage:main", "stage", "supervised fine-tuning on chat-formatted JSONL"),
+    "reward": Command("llm_dist.reward.stage:main", "stage", "train a reward model on preference pairs"),
+    "dpo": Command("llm_dist.align.stage:main", "stage", "DPO / IPO / hinge / SimPO on preference pairs"),
+    "ppo": Command("llm_dist.rl.stage:ppo_main", "stage", "PPO from an SFT checkpoint"),
+    "grpo": Command("llm_dist.rl.stage:main", "stage", "GRPO from an SFT (or pretraining) checkpoint"),
+    "generate": Command("llm_dist.sample:main", "tool", "sample text from a checkpoint"),
+    "evaluate": Command("llm_dist.eval.evaluate:main", "tool", "loss / perplexity / multiple-choice accuracy"),
+    "prepare": Command("llm_dist.data.prepare_cli:cli", "tool", "tokenize corpora into train/val shards"),
+    "tokenizer": Command("llm_dist.tokenizer.train_cli:cli", "tool", "train a byte-level BPE tokenizer"),
+    "checkpoint": Command("llm_dist.checkpoint.cli:main", "tool", "inspect, consolidate, convert checkpoints"),
+}
+
+
+def run_command(name: str, argv: Sequence[str] | None = None) -> int:
+    """Run command `name` with `argv` (None: sys.argv[1:], as a launcher script gets them)."""
+    cmd = COMMANDS[name]
+    args = None if argv is None else list(argv)
+    if cmd.kind == "stage":
+        return run(cmd.load(), args)
+    return int(cmd.load()(args) or 0)
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: llm-dist <command> [ARGS ...]   (under torchrun: torchrun ... -m llm_dist.cli <command> ...)",
+             "", "commands (`llm-dist <command> --help` for each one's ARGS):"]
+    lines += [f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += ["", "Stages take [--config PATH|NAME] [key=value ...]; NAME is a shipped config (e.g. debug)."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`llm-dist <command> ARGS`: the console script installed by pip (pyproject [project.scripts])."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"llm-dist: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    saved, sys.argv = sys.argv, [f"llm-dist {name}", *rest]  # argparse's usage lines then name the subcommand
+    try:
+        return run_command(name, rest)
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    sys.exit(main())

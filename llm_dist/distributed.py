@@ -130,11 +130,61 @@ def watch_parent(poll_s: float = 1.0, env: dict[str, str] | None = None) -> bool
     return True
 
 
-def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> Runtime:
-    """Start the process group if the launcher asked for several ranks; otherwise a single process."""
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask under taskset / SLURM / containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_world_size(env: dict[str, str] | None = None) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, else SLURM's tasks per node ("4" or "4(x2)"), else 1."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env:
+        return max(1, int(env["LOCAL_WORLD_SIZE"]))
+    m = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", "") or env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    return max(1, int(m.group())) if m and int(env.get("SLURM_NTASKS", "1")) > 1 else 1
+
+
+def cpu_threads_for(requested: int, env: dict[str, str] | None = None, cores: int | None = None
+                    ) -> tuple[int | None, str]:
+    """(torch intra-op threads per rank, why) for a CPU run; None leaves torch's own setting.
+
+    `requested` > 0 (parallel.cpu_threads) wins; then an OMP_NUM_THREADS the user exported (torch reads it
+    itself); else the usable cores shared out between this node's ranks. torch's default is every core in
+    every process, so two ranks (or a run next to another job) oversubscribe the cores: seen at 70x slower.
+    """
+    env = os.environ if env is None else env
+    if requested > 0:
+        return requested, "parallel.cpu_threads"
+    if env.get("OMP_NUM_THREADS"):
+        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
+    cores = usable_cores() if cores is None else cores
+    ranks = local_world_size(env)
+    return max(1, cores // ranks), f"auto: {cores} usable core(s) / {ranks} rank(s) on this node"
+
+
+def set_cpu_threads(requested: int, rank: int) -> int:
+    """Apply `cpu_threads_for` to this process; rank 0 says once what it chose. Returns the thread count."""
+    n, why = cpu_threads_for(requested)
+    if n is not None:
+        torch.set_num_threads(n)
+    if rank == 0:
+        print(f"CPU threads per rank: {torch.get_num_threads()} ({why})", flush=True)
+    return torch.get_num_threads()
+
+
+def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1800, cpu_threads: int = 0
+                 ) -> Runtime:
+    """Start the process group if the launcher asked for several ranks; otherwise a single process.
+
+    On CPU the torch thread count is set first (`cpu_threads`: 0 = auto, see `cpu_threads_for`)."""
     env = read_launch_env()
     watch_parent()
     dev = pick_device(device, env.local_rank)
+    if dev.type == "cpu":
+        set_cpu_threads(cpu_threads, env.rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if env.world_size == 1:
@@ -175,9 +225,9 @@ def shutdown(clean: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def runtime(device: str = "auto", backend: str = "auto") -> Iterator[Runtime]:
+def runtime(device: str = "auto", backend: str = "auto", cpu_threads: int = 0) -> Iterator[Runtime]:
     """`with runtime() as rt:` — the process group is destroyed on every exit path."""
-    rt = init_runtime(device, backend)
+    rt = init_runtime(device, backend, cpu_threads=cpu_threads)
     clean = False
     try:
         yield rt

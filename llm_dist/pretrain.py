@@ -25,9 +25,9 @@ from llm_dist.parallel import build_parallel_model
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
-from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, build_tokenizer, checkpoint_saver,  # noqa: F401
-                             open_checkpoints, resolve_path, resolve_vocab, run_fit, stage_throughput,
-                             write_run_config)
+from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, RunResult, build_tokenizer, checkpoint_saver,  # noqa: F401
+                             open_checkpoints, resolve_path, resolve_vocab, run_fit, setup_init_model,
+                             stage_throughput, write_run_config)
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
@@ -74,12 +74,16 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
     return sample
 
 
-def main(cfg: Config) -> int:
-    """Run pretraining; returns the process exit code."""
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+def main(cfg: Config) -> RunResult:
+    """Run pretraining; returns the run directory, the last logged metrics and the process exit code."""
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
-        tok = build_tokenizer(cfg)
-        resolve_vocab(cfg, tok)
+        init_url = None
+        if cfg.checkpoint.init_from:  # the source's tokenizer and architecture (HF folder or checkpoint)
+            tok, init_url = setup_init_model(cfg, cfg.checkpoint.init_from)
+        else:
+            tok = build_tokenizer(cfg)
+            resolve_vocab(cfg, tok)
         mc_examples = load_mc_examples(cfg)  # a bad file fails here, before any model is built
         data_dir = prepare_data(cfg, tok)
         t = cfg.train
@@ -100,7 +104,7 @@ def main(cfg: Config) -> int:
         D.print0(f"data: {loader}")
         trainer = Trainer(cfg, rt, pm, amp_dtype=amp_dtype)
         ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]),
-                                   tokenizer=tok)
+                                   init_url, tokenizer=tok)
 
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)

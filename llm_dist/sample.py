@@ -1,4 +1,8 @@
-"""Sampling from a checkpoint: load the model and its tokenizer, generate continuations of a prompt."""
+"""Sampling from a checkpoint: load the model and its tokenizer, generate continuations of a prompt.
+
+With `--chat` the prompt is a user message (after an optional `--system` one) rendered in the chat format
+the checkpoint's run recorded (`chat.template`), followed by the assistant header; generation stops at the
+format's end-of-turn token and only the reply is printed."""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from llm_dist.checkpoint import resolve_checkpoint as find_checkpoint
 from llm_dist.checkpoint.manager import load_checkpoint_weights
 from llm_dist.cli import USER_ERRORS, check_device
 from llm_dist.cli_args import ArgumentParser, finite_float, nonnegative_int, one_line, positive_int
-from llm_dist.config import Config, apply_dict
+from llm_dist.config import Config, ConfigError, apply_dict
 from llm_dist.distributed import pick_device
 from llm_dist.model.generate import generate
 from llm_dist.model.transformer import Transformer, build_model
+from llm_dist.sft.chat_format import chat_format
 from llm_dist.tokenizer import Tokenizer
 
 
@@ -47,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=nonnegative_int, default=200, help="0 = no top-k filter")
     ap.add_argument("--top-p", type=finite_float(0, 1, lo_open=True), default=1.0,
                     help="nucleus sampling threshold in (0, 1]; 1 = off")
-    ap.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
+    ap.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|> (or the end of the turn)")
+    ap.add_argument("--chat", action="store_true",
+                    help="treat --prompt as a user message in the checkpoint's chat format (chat.template) and "
+                         "print the assistant's reply")
+    ap.add_argument("--system", default="", help="with --chat: a system message before the prompt")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
     ap.add_argument("--seed", type=nonnegative_int, default=1337)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto | cpu | cuda")
@@ -55,19 +64,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(args.device, "--device")
         device = pick_device(args.device, 0)
-        model, tok, _ = load_model(args.checkpoint, device)
+        model, tok, cfg = load_model(args.checkpoint, device)
+        if args.system and not args.chat:
+            raise ConfigError("--system needs --chat")
+        if args.chat:
+            try:
+                fmt = chat_format(cfg.chat.template)
+            except ValueError as e:
+                raise ConfigError(f"--checkpoint {args.checkpoint}: chat.template: {e}") from None
+            if fmt.missing_tokens(tok):
+                raise ConfigError(f"--checkpoint {args.checkpoint}: its tokenizer has no {fmt.name} chat tokens "
+                                 f"({', '.join(fmt.missing_tokens(tok))}): not a model trained in chat.template="
+                                 f"{fmt.name}")
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+            ids, stop, shown = fmt.prompt_ids(tok, messages), fmt.end_id(tok), ""
+        else:
+            ids, stop, shown = tok.encode(args.prompt) or [tok.eot_id], tok.eot_id, args.prompt
     except (FileNotFoundError, RuntimeError, *USER_ERRORS) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    ids = tok.encode(args.prompt) or [tok.eot_id]
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     out = generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_id=None if args.no_stop else tok.eot_id,
+                   top_p=args.top_p, eos_id=None if args.no_stop else stop,
                    use_cache=not args.no_cache, generator=g)
     for i, row in enumerate(out.tolist()):
         new = row[len(ids):]
-        if not args.no_stop and tok.eot_id in new:
-            new = new[: new.index(tok.eot_id)]
-        print(f"---- sample {i} ----\n{args.prompt}{tok.decode(new)}", flush=True)
+        if not args.no_stop and stop in new:
+            new = new[: new.index(stop)]
+        print(f"---- sample {i} ----\n{shown}{tok.decode(new)}", flush=True)
     return 0

@@ -7,17 +7,19 @@ Moved out of `llm_dist/pretrain.py` so that the post-training stages reuse the e
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from llm_dist import distributed as D
+from llm_dist.bundled import bundled_path
 from llm_dist.checkpoint import (CheckpointManager, list_checkpoints, load_checkpoint, load_checkpoint_tokenizer,
                                  read_config_dict, resolve_checkpoint, set_rng_state, verify)
-from llm_dist.checkpoint.manager import explain_missing, warn_incomplete, without_url
+from llm_dist.checkpoint.manager import explain_missing, read_json, tokenizer_record_name, warn_incomplete, without_url
 from llm_dist.checkpoint.sharded import CheckpointReadError, UnsafeCheckpointError, one_line
-from llm_dist.config import Config, ConfigError, ModelConfig, apply_dict
+from llm_dist.config import Config, ConfigError, ModelConfig, TokenizerConfig, apply_dict
 from llm_dist.distributed import Runtime
 from llm_dist.run_lock import RunLock, RunLockError
 from llm_dist.model.transformer import Transformer
@@ -31,11 +33,26 @@ EXIT_NONFINITE = 3
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@dataclass
+class RunResult:
+    """What a stage's `main(cfg)` returns: where the run wrote its checkpoints / metrics.jsonl / config.yaml,
+    the last value of every metric it logged (`loss`, `val/loss`, `tok_per_s`, ...; empty on ranks other
+    than 0 when nothing was logged there) and the process exit status (`cli.run` exits with it)."""
+
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    exit_code: int = 0  # 0 finished | EXIT_REQUEUE stopped by a signal, saved | EXIT_NONFINITE halted on NaN/Inf
+
+
 def resolve_path(p: str) -> str:
-    """Relative paths resolve against the current directory, else the repository root (bundled data)."""
+    """Relative paths resolve against the current directory, else the repository root of a checkout (its
+    data/ files), else the files shipped in the package (`data/tinyshakespeare/...` from an installed wheel)."""
     if "://" in p or Path(p).is_absolute() or Path(p).exists() or any(c in p for c in "*?["):
         return p
-    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else p
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / p).exists():  # a checkout, not site-packages
+        return str(REPO_ROOT / p)
+    shipped = bundled_path(p)
+    return str(shipped) if shipped is not None else p
 
 
 def build_tokenizer(cfg: Config) -> Tokenizer:
@@ -48,9 +65,9 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
 
 
 def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # noqa: ANN001
-            save_checkpoint: Callable[[], None], **fit_kwargs) -> int:
+            save_checkpoint: Callable[[], None], **fit_kwargs) -> RunResult:
     """Run the training loop (`fit`, extra keyword arguments passed on), then wait for the last checkpoint
-    write; returns the process exit code.
+    write; returns the run directory, the last logged metrics and the process exit code:
 
     0 when finished (or stopped by Ctrl-C after saving); EXIT_REQUEUE when a scheduler's SIGTERM/SIGUSR1
     stopped it after saving; EXIT_NONFINITE when it halted on NaN/Inf (the last checkpoint is left as is).
@@ -69,13 +86,12 @@ def run_fit(trainer: Trainer, data, ckpt, logger, stage: str, out_dir: Path,  # 
         ckpt.close()  # the end of training waits for the last background write
     except NonFiniteError as e:
         D.print0(f"error: {e}")
-        return EXIT_NONFINITE
+        return RunResult(out_dir, dict(logger.latest), EXIT_NONFINITE)
     finally:
         logger.close()
     D.print0(f"{stage} {reason} at step {trainer.state.step}; run directory: {out_dir}")
-    if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT):
-        return EXIT_REQUEUE
-    return 0
+    code = EXIT_REQUEUE if reason == "stopped" and trainer.stop.signum not in (None, signal.SIGINT) else 0
+    return RunResult(out_dir, dict(logger.latest), code)
 
 
 def resolve_vocab(cfg: Config, tok: Tokenizer) -> None:
@@ -274,29 +290,100 @@ def train_eval_rows(section: str, data: str, eval_data: str, fraction: float, se
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def setup_chat_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str | None]:
+def load_init_source(cfg: Config, init_from: str) -> tuple[Tokenizer, str, ModelConfig]:
+    """(tokenizer, URL or folder, model config) of a stage's `init_from`: an llm_dist checkpoint (or run /
+    checkpoints dir), or a Hugging Face model folder / hub cache folder (llm_dist.hub.imports).
+
+    The model config is the source's, except dropout and score_head (the stage's choice) and, for an HF
+    source, the few keys that do not change the weights (`hub.imports.FREE_MODEL_KEYS`); an HF source with
+    other model.* keys set to different values is a ConfigError naming them.
+    """
+    from llm_dist.checkpoint import resolve_checkpoint
+    from llm_dist.hub.imports import HFFormatError, describe, model_for_stage, open_hf, resolve_hf_dir
+
+    path = resolve_path(init_from)
+    url = resolve_checkpoint(path)
+    if url is not None:
+        saved = checkpoint_model_config(url)
+        saved.dropout = cfg.model.dropout
+        saved.score_head = cfg.model.score_head  # the stage decides (reward model, PPO value), not the checkpoint
+        return load_checkpoint_tokenizer(url), url, saved
+    if resolve_hf_dir(path) is None:
+        raise ConfigError(f"init_from {init_from}: {explain_missing(path)} (nor a Hugging Face model folder "
+                          "with config.json, or a hub cache models--org--name folder)")
+    try:
+        src = open_hf(path, cfg.model.vocab_multiple)
+    except HFFormatError as e:
+        raise ConfigError(f"init_from {init_from}: {e}") from None
+    D.print0(f"init_from: {describe(src)}")
+    return src.tokenizer, str(src.folder), model_for_stage(cfg.model, src, f"init_from {init_from}")
+
+
+def setup_init_model(cfg: Config, init_from: str) -> tuple[Tokenizer, str]:
+    """Pretraining's `checkpoint.init_from`: the source's tokenizer and architecture replace the configured ones
+    (tokenizer.name records where it came from). Returns (tokenizer, init URL or HF folder)."""
+    tok, url, model = load_init_source(cfg, init_from)
+    model.vocab_size = max(model.vocab_size, tok.vocab_size)
+    cfg.model = model
+    # The spec checkpoints record: the HF folder, or the spec the init checkpoint recorded.
+    spec = url if _is_hf(url) else str(read_json(url, tokenizer_record_name(url)).get("spec", tok.name))
+    if cfg.tokenizer.name not in (TokenizerConfig.name, spec):  # a tokenizer the user asked for, not the source's
+        raise ConfigError(f"tokenizer.name={cfg.tokenizer.name!r} conflicts with checkpoint.init_from={init_from}, "
+                          f"whose weights belong to its own tokenizer ({spec}); drop tokenizer.name")
+    cfg.tokenizer.name = spec
+    return tok, url
+
+
+def setup_chat_model(cfg: Config, init_from: str, *, switch_format: bool = False) -> tuple[Tokenizer, str | None]:
     """The chat tokenizer and the init checkpoint URL (None: random init) of a post-training stage.
 
-    With `init_from` (a checkpoint or run dir) the tokenizer and the architecture are the checkpoint's:
-    cfg.model is replaced, except its dropout (a stage chooses its own) and the vocabulary, which grows by
-    the chat tokens when the checkpoint is a pretraining one without them. Without it, the configured
-    tokenizer plus the chat tokens and a randomly initialised model of cfg.model.
+    With `init_from` (a checkpoint or run dir, or a Hugging Face model folder: `load_init_source`) the
+    tokenizer and the architecture are the source's: cfg.model is replaced, except its dropout (a stage
+    chooses its own) and the vocabulary, which grows by the chat format's tokens (`chat.template`) when the
+    source's tokenizer lacks them (an HF tokenizer that has them, e.g. Qwen's ChatML tokens, keeps its ids).
+    Without it, the configured tokenizer plus those tokens and a randomly initialised model of cfg.model. A
+    checkpoint trained in another chat format is refused (its policy would be read in a format it never
+    saw), except by SFT (`switch_format`), which may teach it the new one and says so.
     """
-    from llm_dist.checkpoint import load_checkpoint_tokenizer
     from llm_dist.sft.chat import add_chat_tokens
+    from llm_dist.sft.chat_format import chat_format
 
+    fmt = chat_format(cfg.chat.template)
     if not init_from:
-        tok = add_chat_tokens(build_tokenizer(cfg))
+        tok = add_chat_tokens(build_tokenizer(cfg), fmt)
         resolve_vocab(cfg, tok)
         return tok, None
-    url = resolve_checkpoint_url(init_from)
-    tok = add_chat_tokens(load_checkpoint_tokenizer(url))
-    saved = checkpoint_model_config(url)
+    base, url, saved = load_init_source(cfg, init_from)
+    if not _is_hf(url):  # an HF model has no llm_dist chat.template record to check
+        check_chat_format(url, base, fmt.name, "init_from", switch_ok=switch_format)
+    tok = add_chat_tokens(base, fmt)
     saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
-    saved.dropout = cfg.model.dropout
-    saved.score_head = cfg.model.score_head  # the stage decides (reward model, PPO value), not the checkpoint
     cfg.model = saved
     return tok, url
+
+
+def checkpoint_chat_template(url: str) -> str:
+    """The `chat.template` a checkpoint's run recorded ("project" for runs from before the key existed:
+    that was the only format then)."""
+    chat = read_config_dict(url).get("chat")
+    return str(chat.get("template", "project")) if isinstance(chat, dict) else "project"
+
+
+def check_chat_format(url: str, tok: Tokenizer, template: str, key: str, switch_ok: bool = False) -> None:
+    """ConfigError when the checkpoint at `url` (tokenizer `tok`) was trained in a chat format other than
+    `template`: its run recorded another chat.template and its tokenizer carries that format's tokens (a
+    pretraining checkpoint, or an imported one, was never trained in a chat format). With `switch_ok` a
+    warning instead."""
+    from llm_dist.sft.chat_format import FORMATS
+
+    saved = checkpoint_chat_template(url)
+    trained = FORMATS.get(saved)
+    if trained is None or saved == template or trained.missing_tokens(tok):
+        return
+    msg = f"chat.template={template} but {key} {url} was trained with chat.template={saved}"
+    if not switch_ok:
+        raise ConfigError(f"{msg}; set chat.template={saved}")
+    D.warn0(f"{msg}; fine-tuning it into {template}")
 
 
 def checkpoint_model_config(url: str) -> ModelConfig:
@@ -324,8 +411,28 @@ def resize_vocab_rows(sd: dict[str, torch.Tensor], old_vocab: int, new_vocab: in
         sd[key] = out
 
 
+def _is_hf(url: str) -> bool:
+    from llm_dist.hub.imports import resolve_hf_dir
+
+    return "://" not in url and resolve_hf_dir(url) is not None
+
+
+def _hf_weights(model: torch.nn.Module, folder: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(the HF model's config, its weights under llm_dist names) for `init_from_checkpoint`; a bad folder or
+    missing tensor is a ConfigError (one line)."""
+    from llm_dist.hub.imports import HFFormatError, hf_state_dict, open_hf
+
+    cfg = getattr(model, "cfg", None)
+    try:
+        src = open_hf(folder, cfg.vocab_multiple if cfg is not None else 64)
+        return src.model, hf_state_dict(src, cfg.block_size if cfg is not None else None)
+    except HFFormatError as e:
+        raise ConfigError(f"init_from {folder}: {e}") from None
+
+
 def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> None:
-    """Initialise a built (maybe sharded) model with a checkpoint's weights, growing its vocabulary.
+    """Initialise a built (maybe sharded) model with a checkpoint's (or an HF folder's) weights, growing its
+    vocabulary.
 
     Every rank reads the full weights into CPU memory (collective under a process group), resizes them,
     and loads them with `set_model_state_dict`, which shards them under FSDP.
@@ -335,10 +442,11 @@ def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> No
     from llm_dist.checkpoint.manager import load_checkpoint_weights
     from llm_dist.model.transformer import build_model, padded_vocab_size
 
-    old_cfg = checkpoint_model_config(url)
-    src = build_model(old_cfg, "cpu")
-    load_checkpoint_weights(src, url)
-    sd = src.state_dict()
+    old_cfg, sd = _hf_weights(model, url) if _is_hf(url) else (checkpoint_model_config(url), None)
+    if sd is None:
+        src = build_model(old_cfg, "cpu")
+        load_checkpoint_weights(src, url)
+        sd = src.state_dict()
     if new_vocab != old_cfg.vocab_size:
         resize_vocab_rows(sd, old_cfg.vocab_size, new_vocab, padded_vocab_size(new_vocab, old_cfg.vocab_multiple))
     # The scalar head (reward score / PPO value) may exist on one side only: a new head keeps its fresh

@@ -75,3 +75,46 @@ def dataclasses_missing():
     import dataclasses
 
     return dataclasses.MISSING
+
+
+def test_llm_dist_command_lists_and_dispatches(capsys) -> None:
+    """`llm-dist --help` lists every command; an unknown one is one line and exit 2; each target imports."""
+    import sys
+
+    from llm_dist.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS) and len(COMMANDS) >= 10
+    assert main(["pretrian"]) == 2 and "unknown command 'pretrian'; expected one of pretrain," in capsys.readouterr().err
+    assert main([]) == 2
+    for name, cmd in COMMANDS.items():
+        assert callable(cmd.load()) and cmd.kind in ("stage", "tool"), name
+    argv = list(sys.argv)
+    assert main(["checkpoint", "inspect", "/nonexistent/run"]) == 2  # a tool's own exit status comes through
+    assert "llm-dist checkpoint" not in capsys.readouterr().err and sys.argv == argv
+
+
+def test_launchers_are_the_commands_of_their_name() -> None:
+    from llm_dist.cli import COMMANDS
+    from tests.helpers import REPO
+
+    for script in (REPO / "launch").glob("*.py"):
+        assert f'run_command("{script.stem}")' in script.read_text() and script.stem in COMMANDS, script
+
+
+def test_torchrun_module_form_runs_two_ranks(tmp_path, prepared_byte_data) -> None:
+    """`torchrun -m llm_dist.cli pretrain ...`: the module form of the launchers, 2 ranks, 1 step."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, cpu_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llm_dist.cli",
+           "pretrain", "--config", "debug", f"data.dir={prepared_byte_data}", f"out_dir={tmp_path}",
+           "train.max_steps=1", "eval.interval=0", "eval.sample_tokens=0", "checkpoint.interval=0"]
+    p = subprocess.run(cmd, cwd=REPO, env=cpu_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "2 rank(s) on cpu" in p.stdout and "step 1/1 |" in p.stdout
+    assert p.stdout.count("CPU threads per rank: 1 (OMP_NUM_THREADS=1)") == 1  # the exported value wins; said once
+    assert (tmp_path / "checkpoints" / "step_00000001").is_dir()

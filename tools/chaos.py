@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def run_trial(args: argparse.Namespace, out_dir: Path, rng: random.Random) -> di
         step = plan[done]
         # Step lines come after the step; a kill "during save" fires as soon as the next save starts writing
         # (the `.tmp` directory appears), i.e. somewhere inside the checkpoint write.
-        hit = line.startswith(f"step {step:>6} |")
+        hit = re.match(rf"step +{step}/\d+ \|", line) is not None  # `step  7/40 | loss ...`
         if hit and during_save[done]:
             deadline = time.time() + 5
             while time.time() < deadline and not list((out_dir / "checkpoints").glob("*.tmp")):

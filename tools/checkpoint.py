@@ -1,121 +1,17 @@
-"""Inspect, consolidate and convert llm_dist checkpoints (the library is `llm_dist/checkpoint/tools.py`).
+"""Inspect, consolidate and convert llm_dist checkpoints: `llm-dist checkpoint` from a checkout.
 
-    python tools/checkpoint.py inspect runs/default                      # newest complete checkpoint of a run
-    python tools/checkpoint.py inspect runs/default/checkpoints/step_00002000 --json
-    python tools/checkpoint.py inspect model.safetensors --filter 'blocks.0.*'
+    python tools/checkpoint.py inspect runs/default
     python tools/checkpoint.py consolidate runs/default --out model.safetensors --check
-    python tools/checkpoint.py convert runs/default --out model.pt                 # DCP -> torch state dict
-    python tools/checkpoint.py convert model.pt --out model.safetensors --config runs/default/config.yaml
-    python tools/checkpoint.py convert model.safetensors --out model_bf16.safetensors --dtype bf16
 
-Checkpoints may be local paths or fsspec URLs; outputs are local files. Bad input prints one line
-(`error: <file>: <what was expected>`) and exits with status 2. See docs/checkpoints.md.
+The tool lives in llm_dist/checkpoint/cli.py (so that an installed wheel has it); see its docstring.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llm_dist.checkpoint.sharded import CheckpointReadError  # noqa: E402
-from llm_dist.checkpoint.tools import (DTYPES, CheckpointToolError, compare_logits, consolidate,  # noqa: E402
-                                       convert, format_inspect, inspect)
-from llm_dist.cli_args import ArgumentParser  # noqa: E402 - one-line argparse errors, exit 2
-from llm_dist.config import ConfigError  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-
-
-def _dtype(name: str | None):  # noqa: ANN202 - torch.dtype | None
-    return DTYPES[name] if name else None
-
-
-def _report_written(summary: dict) -> None:
-    tied = "; tied " + ", ".join(f"{a} = {b}" for a, b in summary["tied"].items()) if summary["tied"] else ""
-    print(f"wrote {summary['path']} ({summary['tensors']} tensors, {summary['bytes'] / 1e6:.2f} MB{tied}) "
-          f"from {summary['source']}")
-
-
-def _check(checkpoint: str, weights: str, dtype: str | None) -> int:
-    """Exit status 0 when the export reproduces the checkpoint's logits (exactly, up to 1e-6, unless cast)."""
-    diff = compare_logits(checkpoint, weights)
-    if dtype not in (None, "fp32"):  # a lossy cast was asked for: report the difference, do not fail on it
-        print(f"check: max |logits diff| = {diff:.3g} (weights cast to {dtype}, not expected to be exact)")
-        return 0
-    print(f"check: logits of the exported weights vs the checkpoint, max |diff| = {diff:.3g} "
-          f"({'ok' if diff <= 1e-6 else 'MISMATCH'})")
-    return 0 if diff <= 1e-6 else 1
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    info = inspect(args.path)
-    print(json.dumps(info, indent=1) if args.json else format_inspect(info, args.filter))
-    return 0
-
-
-def cmd_consolidate(args: argparse.Namespace) -> int:
-    summary = consolidate(args.path, args.out, _dtype(args.dtype))
-    _report_written(summary)
-    return _check(args.path, args.out, args.dtype) if args.check else 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    summary = convert(args.path, args.out, to=args.to, dtype=_dtype(args.dtype), config=args.config)
-    _report_written(summary)
-    if args.check:
-        if summary["from"] != "dcp" or summary["to"] != "safetensors":
-            print("error: --check compares a DCP checkpoint with a safetensors export; "
-                  f"this conversion is {summary['from']} -> {summary['to']}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        return _check(args.path, args.out, args.dtype)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.split("\n")[2:]))
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("inspect", help="step, world size, strategy, config, tensors and sizes of a checkpoint")
-    p.add_argument("path", help="checkpoint dir (step_N), run dir / checkpoints dir (newest complete), "
-                                "or a .safetensors file")
-    p.add_argument("--json", action="store_true", help="print everything as JSON")
-    p.add_argument("--filter", default="*", help="only list tensors whose name matches this glob (table only)")
-    p.set_defaults(fn=cmd_inspect)
-
-    p = sub.add_parser("consolidate", help="one unsharded safetensors file of the model weights + config")
-    p.add_argument("path", help="checkpoint dir, or run dir / checkpoints dir (newest complete)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: as stored)")
-    p.add_argument("--check", action="store_true",
-                   help="rebuild the model from the file and compare its logits with the checkpoint's (exit 1 if "
-                        "they differ by more than 1e-6)")
-    p.set_defaults(fn=cmd_consolidate)
-
-    p = sub.add_parser("convert", help="weights between formats: dcp -> safetensors|pt, safetensors <-> pt")
-    p.add_argument("path", help="source: checkpoint/run dir, .safetensors or .pt file")
-    p.add_argument("--out", required=True, help="output file (.safetensors or .pt)")
-    p.add_argument("--to", choices=["safetensors", "pt", "dcp"], help="output format (default: from --out's extension)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: as stored)")
-    p.add_argument("--config", help="run config for a .pt source (checkpoint dir, .safetensors, or config.yaml)")
-    p.add_argument("--check", action="store_true", help="dcp -> safetensors only: compare logits as consolidate")
-    p.set_defaults(fn=cmd_convert)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (CheckpointToolError, CheckpointReadError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
+from llm_dist.checkpoint.cli import EXIT_BAD_INPUT, main  # noqa: E402,F401 - for callers that import this script
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,10 +25,11 @@ from llm_dist.config import Config, ConfigError
 from llm_dist.model.transformer import model_summary
 from llm_dist.parallel import build_parallel_model
 from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
-from llm_dist.sft.chat import END, DataError, prompt_ids
+from llm_dist.sft.chat import DataError
+from llm_dist.sft.chat_format import chat_format
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import (checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
-                             train_eval_rows, write_run_config)
+from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model,
+                             stage_throughput, train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
 
@@ -39,27 +40,27 @@ def split_pairs(cfg: Config) -> tuple[list[Pair], list[Pair]]:
     return train_eval_rows("dpo", d.data, d.eval_data, d.eval_fraction, cfg.train.seed, read_pairs)
 
 
-def main(cfg: Config) -> int:
-    """Train a policy with DPO (or IPO, hinge, SimPO); returns the process exit code (0, EXIT_REQUEUE,
-    EXIT_NONFINITE)."""
+def main(cfg: Config) -> RunResult:
+    """Train a policy with DPO (or IPO, hinge, SimPO); returns the run directory, last metrics and exit code
+    (0, EXIT_REQUEUE, EXIT_NONFINITE)."""
     try:
         train_pairs, eval_pairs = split_pairs(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
-        d, t = cfg.dpo, cfg.train
+        d, t, fmt = cfg.dpo, cfg.train, chat_format(cfg.chat.template)
         cfg.model.score_head = False  # a policy: the LM head only
         tok, init_url = setup_chat_model(cfg, d.init_from)
         seq_len = cfg.model.block_size
-        train_tp, cut = tokenize_pairs(tok, train_pairs, seq_len, 0.0)
-        eval_tp, _ = tokenize_pairs(tok, eval_pairs, seq_len, 0.0)
+        train_tp, cut = tokenize_pairs(tok, train_pairs, seq_len, 0.0, fmt)
+        eval_tp, _ = tokenize_pairs(tok, eval_pairs, seq_len, 0.0, fmt)
         eval_tp = eval_tp[:d.eval_pairs] if d.eval_pairs else eval_tp
-        end_id = tok.special_tokens[END]
+        end_id = fmt.end_id(tok)
         loader = PairLoader(train_tp, t.batch_size, t.micro_batch_size, rt.rank, rt.world_size, seed=t.seed,
                             pad_id=end_id, device=rt.device, targets=True)
         D.print0(f"dpo data: {len(train_tp)} train / {len(eval_tp)} held-out pairs ({cut} cut to their last "
-                 f"{seq_len} tokens); {loader}")
+                 f"{seq_len} tokens), chat format {fmt.name}; {loader}")
 
         amp_dtype = resolve_dtype(t.dtype, rt.device)
         pm = build_parallel_model(cfg, rt, amp_dtype)
@@ -83,7 +84,7 @@ def main(cfg: Config) -> int:
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
         eval_batches = loader.eval_batches(eval_tp) if eval_tp else []
-        items = [(prompt_ids(tok, p.prompt), p.chosen) for p in eval_pairs[:d.eval_examples]]
+        items = [(fmt.prompt_ids(tok, p.prompt), p.chosen) for p in eval_pairs[:d.eval_examples]]
 
         save = checkpoint_saver(ckpt, trainer, cfg, tok, tok.name, pm.strategy,
                                 lambda: {"loader": loader.state_dict()}, stage="dpo")

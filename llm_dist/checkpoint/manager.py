@@ -6,7 +6,9 @@ One checkpoint, `<out_dir>/checkpoints/step_00001000/`:
     train_state.json   trainer counters, grad-scaler state, data-loader position (global: any world size)
     rng/rank_<r>.pt    each rank's python/numpy/torch/CUDA RNG state
     config.yaml        the resolved run config
-    tokenizer.json     which tokenizer the ids belong to (+ tokenizer.bpe.json for a trained one)
+    llm_dist_tokenizer.json  which tokenizer the ids belong to (+ llm_dist_tokenizer.bpe.json for a stored BPE,
+                       or hf_tokenizer.json for one imported from a Hugging Face folder; checkpoints from
+                       before the rename: tokenizer.json / tokenizer.bpe.json, still read)
     meta.json          step, world size, strategy, time, every file with its size and block CRC-32s
     COMPLETE           written last: without it the directory is never loaded
 
@@ -43,7 +45,7 @@ from llm_dist import distributed as D
 from llm_dist.checkpoint import integrity, sharded
 from llm_dist.checkpoint.rng import get_rng_state
 from llm_dist.checkpoint.sharded import CheckpointReadError, one_line
-from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 COMPLETE = "COMPLETE"
 BUILTIN_TOKENIZERS = ("byte", "gpt2")
@@ -259,49 +261,67 @@ def _tokenizer_files(tok: Tokenizer, spec: str) -> dict[str, bytes]:
     if spec not in BUILTIN_TOKENIZERS:  # the checkpoint must not depend on a file elsewhere
         import tempfile
 
+        name = HF_TOKENIZER_FILE if isinstance(tok, HFTokenizer) else TOKENIZER_FILE
         with tempfile.TemporaryDirectory() as tmp:
-            tok.save(Path(tmp) / TOKENIZER_FILE)
-            files[TOKENIZER_FILE] = (Path(tmp) / TOKENIZER_FILE).read_bytes()
-        info["file"] = TOKENIZER_FILE
-    files["tokenizer.json"] = json.dumps(info, indent=1).encode()
+            tok.save(Path(tmp) / name)
+            files[name] = (Path(tmp) / name).read_bytes()
+        info["file"] = name
+    files[TOKENIZER_RECORD] = json.dumps(info, indent=1).encode()
     return files
 
 
-TOKENIZER_FILE = "tokenizer.bpe.json"
+# The project's own tokenizer files carry its name, so that nothing mistakes them for Hugging Face's
+# `tokenizer.json` (a different format: `tools/checkpoint.py export-hf` writes that one). Checkpoints
+# written before the rename hold the LEGACY_* names, which are still read.
+TOKENIZER_RECORD = "llm_dist_tokenizer.json"  # spec, name, vocab size, fingerprint (+ "file" for a stored BPE)
+TOKENIZER_FILE = "llm_dist_tokenizer.bpe.json"  # a trained / extended BPE, BPETokenizer.save's format
+HF_TOKENIZER_FILE = "hf_tokenizer.json"  # an imported Hugging Face tokenizer (HFTokenizer.save's format)
+LEGACY_TOKENIZER_RECORD, LEGACY_TOKENIZER_FILE = "tokenizer.json", "tokenizer.bpe.json"
+
+
+def tokenizer_record_name(url: str) -> str:
+    """The name of the checkpoint's tokenizer record: the current one, or the legacy one if only that exists."""
+    fs, root = _fs(url)
+    if not fs.exists(posixpath.join(root, TOKENIZER_RECORD)) and fs.exists(posixpath.join(root, LEGACY_TOKENIZER_RECORD)):
+        return LEGACY_TOKENIZER_RECORD
+    return TOKENIZER_RECORD
 
 
 def load_checkpoint_tokenizer(url: str) -> Tokenizer:
     """The tokenizer a checkpoint was trained with, checked against its recorded fingerprint.
 
-    Every failure (a damaged tokenizer.json, a file it names that is not this format's, a changed
-    tokenizer) is a CheckpointReadError naming the file, so generate, evaluate, init_from and resume all
-    treat a bad tokenizer the same way.
+    Every failure (a damaged record, a file it names that is not this format's, a changed tokenizer) is a
+    CheckpointReadError naming the file, so generate, evaluate, init_from and resume all treat a bad
+    tokenizer the same way.
     """
-    info = read_json(url, "tokenizer.json")
+    record = tokenizer_record_name(url)
+    info = read_json(url, record)
     spec, fingerprint = info.get("spec"), info.get("fingerprint")
     if not isinstance(spec, str) or not isinstance(fingerprint, str):
-        raise CheckpointReadError(f"checkpoint {url}/tokenizer.json: expected string 'spec' and 'fingerprint'")
+        raise CheckpointReadError(f"checkpoint {url}/{record}: expected string 'spec' and 'fingerprint'")
     try:
         if "file" in info:
-            if info["file"] != TOKENIZER_FILE:  # a name, never a path that could point outside the checkpoint
-                raise CheckpointReadError(f"checkpoint {url}/tokenizer.json: 'file' must be {TOKENIZER_FILE!r}, "
-                                          f"got {info['file']!r}")
+            # A fixed name, never a path that could point outside the checkpoint.
+            allowed = (TOKENIZER_FILE, HF_TOKENIZER_FILE) if record == TOKENIZER_RECORD else (LEGACY_TOKENIZER_FILE,)
+            if info["file"] not in allowed:
+                raise CheckpointReadError(f"checkpoint {url}/{record}: 'file' must be one of "
+                                          f"{', '.join(map(repr, allowed))}, got {info['file']!r}")
             import tempfile
 
             fs, root = _fs(url)
             with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / TOKENIZER_FILE
-                local.write_bytes(fs.cat_file(posixpath.join(root, TOKENIZER_FILE)))
+                local = Path(tmp) / info["file"]
+                local.write_bytes(fs.cat_file(posixpath.join(root, info["file"])))
                 tok = load_tokenizer(local)
         elif spec in BUILTIN_TOKENIZERS:
             tok = load_tokenizer(spec)
         else:
-            raise CheckpointReadError(f"checkpoint {url}/tokenizer.json: spec {spec!r} is neither a built-in "
+            raise CheckpointReadError(f"checkpoint {url}/{record}: spec {spec!r} is neither a built-in "
                                       f"tokenizer {BUILTIN_TOKENIZERS} nor stored in the checkpoint")
     except CheckpointReadError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged stored tokenizer file, whatever the parser says
-        raise CheckpointReadError(f"checkpoint {url}/{info.get('file', 'tokenizer.json')}: unreadable tokenizer "
+        raise CheckpointReadError(f"checkpoint {url}/{info.get('file', record)}: unreadable tokenizer "
                                   f"({type(e).__name__}: {one_line(e, 160)})") from None
     if tok.fingerprint() != fingerprint:
         raise CheckpointReadError(f"checkpoint {url}: tokenizer {spec!r} now has fingerprint {tok.fingerprint()}, "

@@ -38,7 +38,8 @@ import yaml
 
 from llm_dist.checkpoint import sharded
 from llm_dist.config.loading import safe_load_unique
-from llm_dist.checkpoint.manager import COMPLETE, read_config_dict, read_json, resolve_checkpoint, verify
+from llm_dist.checkpoint.manager import (COMPLETE, read_config_dict, read_json, resolve_checkpoint,
+                                          tokenizer_record_name, verify)
 
 FORMATS = ("dcp", "safetensors", "pt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -237,7 +238,7 @@ def inspect(path: str) -> dict:
         "format": "dcp", "path": url, "step": meta.get("step"), "world_size": meta.get("world_size"),
         "strategy": meta.get("strategy"), "tokens_seen": meta.get("tokens_seen"), "time": meta.get("time"),
         "complete": fs.exists(posixpath.join(root, COMPLETE)), "verify": problem or "ok",
-        "model": model_summary(cfg) if cfg else None, "tokenizer": _read_json_or_none(url, "tokenizer.json"),
+        "model": model_summary(cfg) if cfg else None, "tokenizer": _read_json_or_none(url, tokenizer_record_name(url)),
         "tied": ties, "tensors": [asdict(r) for r in rows],
         "totals": {"model_bytes": by_group["model"], "optim_bytes": by_group["optim"],
                    "other_bytes": by_group["other"], "model_params": n_params, "entries": len(rows),
@@ -491,7 +492,7 @@ def load_pt(path: str) -> dict[str, torch.Tensor]:
 def _checkpoint_extra(url: str) -> dict[str, Any]:
     meta = _read_json_or_none(url, "meta.json") or {}
     return {"source": url, "step": str(meta.get("step", "")), "tokens_seen": str(meta.get("tokens_seen", "")),
-            "tokenizer": _read_json_or_none(url, "tokenizer.json")}
+            "tokenizer": _read_json_or_none(url, tokenizer_record_name(url))}
 
 
 def _complete(path: str) -> str:

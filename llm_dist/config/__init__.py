@@ -11,13 +11,14 @@ Layout: `schema.py` (the dataclasses), `loading.py` (YAML, presets, overrides, C
 """
 
 from llm_dist.config.loading import apply_dict, apply_override, help_text, load_config, parse_args
-from llm_dist.config.schema import (AttnConfig, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig,
+from llm_dist.config.schema import (AttnConfig, ChatConfig, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig,
                                     LoggingConfig, LossConfig, ModelConfig, MoEConfig, OptimConfig,
-                                    ParallelConfig, PPOConfig, ProfileConfig, RewardConfig, RLConfig, SFTConfig,
+                                    ParallelConfig, PPOConfig, ProfileConfig, RewardConfig, RLConfig,
+                                    RopeScalingConfig, SFTConfig,
                                     TokenizerConfig, TrainConfig)
 from llm_dist.config.validation import layer_kinds, moe_layers, validate
 
-__all__ = ["AttnConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
+__all__ = ["AttnConfig", "ChatConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
            "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PPOConfig", "ParallelConfig", "ProfileConfig",
-           "RLConfig", "RewardConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "apply_dict", "apply_override",
+           "RLConfig", "RewardConfig", "RopeScalingConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "apply_dict", "apply_override",
            "help_text", "layer_kinds", "load_config", "moe_layers", "parse_args", "validate"]

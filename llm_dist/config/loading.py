@@ -145,11 +145,14 @@ def safe_load_unique(text: str):  # noqa: ANN201 - whatever the YAML holds
 
 
 def _read_yaml(path: str) -> dict:
+    from llm_dist.bundled import config_file, shipped_configs
+
+    path = config_file(path)  # a shipped config by name (`debug`, `configs/debug.yaml`) from any directory
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {path}: is a directory; expected a YAML file")
     if not p.is_file():
-        raise ConfigError(f"config file {path}: not found")
+        raise ConfigError(f"config file {path}: not found (shipped configs: {', '.join(shipped_configs())})")
     try:
         data = safe_load_unique(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
@@ -189,7 +192,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
 
 
 def parse_args(argv: list[str] | None = None, default_config: str | None = None) -> Config:
-    """`[--config PATH] [key=value ...]` -> Config (not yet validated). `--help` prints the keys."""
+    """`[--config PATH|NAME] [key=value ...]` -> Config (not yet validated). `--help` prints the keys.
+
+    PATH is a YAML file; NAME a shipped config (`debug`, `configs/debug.yaml`: see llm_dist/bundled.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = default_config
     rest: list[str] = []
@@ -244,6 +249,6 @@ def _help_lines(cls: type, prefix: str) -> list[str]:
 
 def help_text() -> str:
     """Every key with its default and comment, read from the dataclasses of `llm_dist/config/schema.py`."""
-    head = ["usage: [--config PATH] [section.key=value ...]", "",
+    head = ["usage: [--config PATH|NAME] [section.key=value ...]  (NAME: a shipped config, e.g. debug)", "",
             "Every key, its default and meaning (YAML sections or dotted key=value overrides):"]
     return "\n".join(head + _help_lines(Config, ""))

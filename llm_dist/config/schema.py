@@ -38,6 +38,17 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for long contexts (Hugging Face `rope_scaling` / `rope_parameters`)."""
+
+    type: str = "none"  # none | linear (every frequency / factor) | llama3 (Llama 3.1: low frequencies / factor, smooth band between)
+    factor: float = 1.0  # linear, llama3: how much longer the context is than the one trained on
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_position_embeddings / this are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_position_embeddings / this are kept
+    original_max_position_embeddings: int = 8192  # llama3: the context length before the extension
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only transformer shape and architecture choices."""
 
@@ -57,8 +68,10 @@ class ModelConfig:
     norm_eps: float = 1e-5  # epsilon inside LayerNorm/RMSNorm
     pos_emb: str = "learned"  # learned | sinusoidal | rope | none
     rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # RoPE frequency scaling (Llama 3.1 style)
     dropout: float = 0.0  # dropout on attention probabilities, residual branches and embeddings
     bias: bool = True  # biases in linear layers and norms
+    qkv_bias: bool = False  # biases on the q/k/v projections even when model.bias=false (Qwen2); no effect when bias=true
     tie_embeddings: bool = True  # share the token embedding with the LM head
     attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | manual (explicit softmax reference) | triton (llm_dist/kernels FlashAttention; SDPA where it cannot run)
     norm_impl: str = "torch"  # torch | triton (fused RMSNorm kernel from llm_dist/kernels; needs model.norm=rmsnorm)
@@ -132,6 +145,7 @@ class ParallelConfig:
     strategy: str = "auto"  # auto (ddp with >1 rank, else single) | single | ddp | fsdp | hsdp
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    cpu_threads: int = 0  # CPU runs: torch threads per rank; 0 = auto (usable cores / ranks on this node, or OMP_NUM_THREADS if set)
     ddp_bucket_mb: int = 25  # DDP gradient bucket size in MiB
     hsdp_replicas: int = 0  # hsdp: replica groups (mesh dim 0); 0 = number of nodes (world / ranks per node)
     reshard_after_forward: bool = True  # fsdp: free gathered params after forward (less memory, one more all-gather)
@@ -152,6 +166,7 @@ class CheckpointConfig:
     keep_last_k: int = 3  # complete checkpoints to keep (the newest); 0 = keep all
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir, if any) | never | path of a checkpoint
     checksums: bool = True  # record a CRC-32 of every file when saving and check it when loading
+    init_from: str = ""  # pretraining: checkpoint, run dir or Hugging Face model folder whose weights, architecture and tokenizer start a fresh run; "" = random init
 
 
 @dataclass
@@ -212,6 +227,13 @@ class SFTConfig:
     eval_examples: int = 64  # held-out examples decoded greedily per exact-match evaluation (0 = none)
     eval_batch_size: int = 16  # prompts per batched generate call during evaluation
     max_new_tokens: int = 64  # generation budget of the exact-match evaluation
+
+
+@dataclass
+class ChatConfig:
+    """How conversations become tokens in SFT, reward/preference data, RL prompts and chat generation."""
+
+    template: str = "project"  # project (<|user|>..<|end|>) | chatml (Qwen <|im_start|>) | llama3 (Llama 3 headers); see docs/chat_formats.md
 
 
 @dataclass
@@ -317,6 +339,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 
-from llm_dist.config.schema import (Config, ConfigError, DPOConfig, LossConfig, ModelConfig, PPOConfig,
+from llm_dist.config.schema import (ChatConfig, Config, ConfigError, DPOConfig, LossConfig, ModelConfig, PPOConfig,
                                     ProfileConfig, RewardConfig, RLConfig, SFTConfig)
 
 
@@ -69,6 +69,22 @@ def _validate_moe(m: ModelConfig) -> None:
                           f"(model.n_layer={m.n_layer})")
 
 
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    r = m.rope_scaling
+    _choice("model.rope_scaling.type", r.type, ("none", "linear", "llama3"))
+    if r.type == "none":
+        return
+    if m.pos_emb != "rope":
+        raise ConfigError(f"model.rope_scaling.type={r.type} needs model.pos_emb=rope, got {m.pos_emb!r}")
+    _positive("model.rope_scaling.factor", r.factor)
+    if r.type == "llama3":
+        _positive("model.rope_scaling.low_freq_factor", r.low_freq_factor)
+        _positive("model.rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings)
+        if r.high_freq_factor <= r.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
+                              f"model.rope_scaling.low_freq_factor={r.low_freq_factor} (llama3 scaling)")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """All cross-field invariants in one place. Raises ConfigError (one line) on the first problem."""
     m, t, o = cfg.model, cfg.train, cfg.optim
@@ -96,6 +112,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.rope_theta", m.rope_theta)
+    _validate_rope_scaling(m)
     _choice("model.ops", m.ops, ("torch", "scratch"))
     _validate_attn(m)
     _validate_moe(m)
@@ -158,6 +175,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("train.dtype=fp16 is not supported with fsdp/hsdp (no sharded grad scaler); use bf16")
     _choice("parallel.backend", cfg.parallel.backend, ("auto", "nccl", "gloo"))
     _choice("parallel.device", cfg.parallel.device, ("auto", "cpu", "cuda"))
+    _positive("parallel.cpu_threads", cfg.parallel.cpu_threads, allow_zero=True)
     if cfg.parallel.strategy == "single" and world_size > 1:
         raise ConfigError(f"parallel.strategy=single cannot run with world_size={world_size}; use ddp")
     _positive("parallel.ddp_bucket_mb", cfg.parallel.ddp_bucket_mb)
@@ -183,6 +201,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not cfg.out_dir:
         raise ConfigError("out_dir: expected a run directory, got ''")
     _validate_sft(cfg.sft)
+    _validate_chat(cfg.chat)
     _validate_rl(cfg.rl)
     _validate_reward(cfg.reward)
     _validate_ppo(cfg.ppo)
@@ -210,6 +229,16 @@ def _validate_loss(loss: LossConfig, m: ModelConfig) -> None:
     _positive("loss.chunk_size", loss.chunk_size, allow_zero=True)
     if loss.impl == "fused" and m.ops == "scratch":
         raise ConfigError("loss.impl=fused needs model.ops=torch (the scratch model uses its hand-written cross-entropy)")
+
+
+# The names of llm_dist.sft.chat_format.FORMATS (the config layer does not import the stages; a test keeps
+# the two in step).
+CHAT_TEMPLATES = ("project", "chatml", "llama3")
+
+
+def _validate_chat(c: ChatConfig) -> None:
+    """chat.* invariants (checked for every stage; the default is valid)."""
+    _choice("chat.template", c.template, CHAT_TEMPLATES)
 
 
 def _validate_sft(s: SFTConfig) -> None:

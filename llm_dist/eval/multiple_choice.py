@@ -3,9 +3,14 @@
 Each example is a context and k candidate endings, one of them right. Every ending is scored by the
 model's log-likelihood of its tokens given the context:
 
-    acc       argmax over endings of  sum_i log p(ending_i | context, ending_<i)
-    acc_norm  argmax over endings of the same sum divided by the ending's token count (length-normalised:
-              the plain sum favours short endings)
+    acc              argmax over endings of  sum_i log p(ending_i | context, ending_<i)
+    acc_norm_tokens  argmax over endings of the same sum divided by the ending's token count (llm.c /
+                     nanoGPT / nanochat HellaSwag: length-normalised, the plain sum favours short endings)
+    acc_norm_chars   the same sum divided by the ending's length in characters, as given in the file (no
+                     joining space): lm-evaluation-harness's `acc_norm` (`len(choice)`), the Open LLM
+                     Leaderboard's number. Independent of the tokenizer, so comparable across models.
+
+(The two normalisations pick different endings, and published numbers use both: docs/eval.md says which.)
 
 Files are JSONL, one example per line, in either of two shapes (detected per line):
 
@@ -109,7 +114,9 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], int]], device: torc
     """(len(rows), 2) float64: per row, the summed log-probability of its ending tokens and their count.
 
     Rows are right-padded into one (N, T) batch; causal attention keeps the padding from affecting
-    the real positions, and padded targets are ignored.
+    the real positions, and padded targets are ignored. The softmax runs over the real vocabulary only (the
+    columns past `vocab_size` pad the LM head for speed and are never sampled): the distribution `generate`
+    draws from and the one an exported Hugging Face model computes, so lm-eval's log-likelihoods equal these.
     """
     T = max(len(ids) for ids, _ in rows)
     x = torch.zeros(len(rows), T, dtype=torch.long)
@@ -122,6 +129,7 @@ def score_rows(model: nn.Module, rows: list[tuple[list[int], int]], device: torc
     x, y = x.to(device), y.to(device)
     with autocast if autocast is not None else contextlib.nullcontext():
         logits = model(x)  # (N, T, V_padded)
+    logits = logits[..., :getattr(model, "vocab_size", logits.shape[-1])]  # (N, T, V)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none").view(len(rows), T)  # (N, T), 0 where ignored
     return torch.stack([-nll.double().sum(1), (y != IGNORE_INDEX).sum(1).double()], dim=1)
@@ -139,7 +147,8 @@ def _max_over_ranks(n: int, device: torch.device) -> int:
 def evaluate_mc(model: nn.Module, tok: Tokenizer, examples: list[MCExample], block_size: int,
                 batch_size: int = 32, autocast: contextlib.AbstractContextManager | None = None,
                 prefix: str = "mc") -> dict[str, float]:
-    """Accuracy (`<prefix>/acc`, `<prefix>/acc_norm`) over `examples`, scored across every rank.
+    """Accuracy (`<prefix>/acc`, `<prefix>/acc_norm_tokens`, `<prefix>/acc_norm_chars`) over `examples`, scored
+    across every rank.
 
     Collective under a process group: every rank passes the same full list and takes its own slice.
     `batch_size` counts rows (one per ending); an example's rows always share a batch.
@@ -156,7 +165,8 @@ def evaluate_mc(model: nn.Module, tok: Tokenizer, examples: list[MCExample], blo
             batches.append([])
         batches[-1].append(item)
     n_forward = _max_over_ranks(len(batches), device)
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct (sum), correct (normalised), examples
+    # correct: by sum, per token, per character; then the example count
+    counts = torch.zeros(4, dtype=torch.float64, device=device)
     for b in range(n_forward):
         if b >= len(batches):  # this rank is out of examples: a throw-away forward keeps collectives in step
             score_rows(model, [([tok.eot_id, tok.eot_id], 1)], device, autocast)
@@ -169,8 +179,11 @@ def evaluate_mc(model: nn.Module, tok: Tokenizer, examples: list[MCExample], blo
             i += len(ex_rows)
             counts[0] += float(int(s[:, 0].argmax()) == ex.label)
             counts[1] += float(int((s[:, 0] / s[:, 1]).argmax()) == ex.label)
-            counts[2] += 1
+            chars = torch.tensor([float(len(e)) for e in ex.endings], dtype=torch.float64)
+            counts[2] += float(int((s[:, 0] / chars).argmax()) == ex.label)
+            counts[3] += 1
     D.all_reduce_sum(counts)
     model.train(was_training)
-    correct, correct_norm, n = counts.tolist()
-    return {f"{prefix}/acc": correct / max(n, 1), f"{prefix}/acc_norm": correct_norm / max(n, 1), f"{prefix}/n": int(n)}
+    correct, per_token, per_char, n = counts.tolist()
+    return {f"{prefix}/acc": correct / max(n, 1), f"{prefix}/acc_norm_tokens": per_token / max(n, 1),
+            f"{prefix}/acc_norm_chars": per_char / max(n, 1), f"{prefix}/n": int(n)}

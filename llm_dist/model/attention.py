@@ -215,9 +215,10 @@ class CausalSelfAttention(nn.Module):
         self.window = cfg.attn.window if local else 0
         self.sinks = cfg.attn.sinks if local else 0
         C, D = cfg.n_embd, self.head_dim
-        self.wq = make_linear(cfg, C, self.n_head * D, bias=cfg.bias)
-        self.wk = make_linear(cfg, C, self.n_kv_head * D, bias=cfg.bias)
-        self.wv = make_linear(cfg, C, self.n_kv_head * D, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2: biases on q/k/v only, none on wo
+        self.wq = make_linear(cfg, C, self.n_head * D, bias=qkv_bias)
+        self.wk = make_linear(cfg, C, self.n_kv_head * D, bias=qkv_bias)
+        self.wv = make_linear(cfg, C, self.n_kv_head * D, bias=qkv_bias)
         self.wo = make_linear(cfg, self.n_head * D, C, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 

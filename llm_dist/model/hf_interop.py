@@ -1,4 +1,4 @@
-"""Hugging Face interop: load GPT-2 / Llama / Mistral weights from a local HF folder, export to one.
+"""Hugging Face interop: load GPT-2 / Llama / Mistral / Qwen2 weights from a local HF folder, export to one.
 
     from llm_dist.model.hf_interop import load_hf, save_hf
     model = load_hf("path/to/gpt2")            # config.json + model.safetensors (or sharded + index)
@@ -10,7 +10,13 @@ checkpoints are refused). Architectures and their llm_dist equivalents:
     gpt2     learned positions, pre-LayerNorm, GELU (tanh), biases, tied head. Its Conv1D weights are stored
              (in, out): transposed here; c_attn holds q, k, v side by side and is split.
     llama    RoPE, RMSNorm, SwiGLU, GQA, no biases.
-    mistral  llama + a sliding window (`sliding_window` <-> model.attn.window).
+    mistral  llama + a sliding window (`sliding_window` <-> model.attn.window; null or >= the context is
+             full attention, exported as llama).
+    qwen2    llama + biases on the q/k/v projections only (model.qkv_bias); Qwen2.5 included.
+
+RoPE scaling (`rope_scaling` / `rope_parameters`): default, linear and llama3 (Llama 3.1 / 3.2) map to
+model.rope_scaling; any other rope_type is refused, as are MoE models, head_dim != hidden/heads, per-layer
+sliding windows (Qwen2 use_sliding_window) and biases llm_dist has no place for (Llama attention_bias).
 
 RoPE layout: Hugging Face's Llama rotates the two *halves* of each head (x[i], x[i + D/2]), llm_dist
 rotates consecutive *pairs* (x[2i], x[2i+1]), as Meta's original code does. The two are the same
@@ -27,10 +33,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_dist.config import AttnConfig, ModelConfig
+from llm_dist.config import AttnConfig, ModelConfig, RopeScalingConfig
 from llm_dist.model.transformer import Transformer, build_model
 
-SUPPORTED = ("gpt2", "llama", "mistral")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 
 
 class HFFormatError(ValueError):
@@ -68,57 +74,107 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     raise HFFormatError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind != "default":
-        raise HFFormatError(f"config.json: rope_type={kind!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(hf: dict) -> tuple[float, RopeScalingConfig]:
+    """(rope_theta, scaling) from transformers 5's `rope_parameters` or 4.x's `rope_theta` + `rope_scaling`."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, RopeScalingConfig()
+    if kind == "linear":
+        return theta, RopeScalingConfig(type="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        try:
+            return theta, RopeScalingConfig(
+                type="llama3", factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+        except KeyError as e:
+            raise HFFormatError(f"config.json: rope_type 'llama3' needs {e.args[0]!r} in rope_scaling") from None
+    raise HFFormatError(f"config.json: rope_type={kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _refuse_unsupported(hf: dict, kind: str) -> None:
+    """One HFFormatError naming the first config.json feature llm_dist cannot reproduce exactly."""
+    moe = [k for k in ("num_local_experts", "num_experts", "n_routed_experts") if hf.get(k)]
+    if moe:
+        raise HFFormatError(f"config.json: {moe[0]}={hf[moe[0]]}: Mixture-of-Experts checkpoints are not supported "
+                            f"(supported: dense {', '.join(SUPPORTED)})")
+    C, H = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, C // H):
+        raise HFFormatError(f"config.json: head_dim={hf['head_dim']} != hidden_size/num_attention_heads={C // H} "
+                            "(llm_dist heads are n_embd/n_head wide)")
+    if kind != "qwen2" and hf.get("attention_bias"):
+        raise HFFormatError(f"config.json: attention_bias=true is not supported for {kind} (llm_dist has no bias "
+                            "on the output projection alone; qwen2-style q/k/v biases are)")
+    if hf.get("mlp_bias"):
+        raise HFFormatError("config.json: mlp_bias=true is not supported (llm_dist's SwiGLU has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+    if kind == "qwen2" and hf.get("use_sliding_window"):
+        raise HFFormatError("config.json: use_sliding_window=true is not supported for qwen2 (its window applies "
+                            "to some layers only); supported: full attention")
+    types = set(hf.get("layer_types") or ()) - {"full_attention", "sliding_attention"}
+    if types:
+        raise HFFormatError(f"config.json: layer_types {sorted(types)} are not supported (full/sliding attention only)")
 
 
 def model_config_from_hf(hf: dict, vocab_multiple: int = 64) -> ModelConfig:
-    """The llm_dist ModelConfig equivalent to an HF config.json (gpt2 / llama / mistral)."""
+    """The llm_dist ModelConfig equivalent to an HF config.json (gpt2 / llama / mistral / qwen2)."""
     kind = hf.get("model_type")
+    try:
+        return _model_config_from_hf(hf, kind, vocab_multiple)
+    except KeyError as e:
+        raise HFFormatError(f"config.json: missing key {e.args[0]!r} (needed for model_type={kind!r})") from None
+
+
+def _model_config_from_hf(hf: dict, kind: str | None, vocab_multiple: int) -> ModelConfig:
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise HFFormatError(f"config.json: activation_function={act!r}; only the tanh GELU of GPT-2 is supported")
+        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(key):
+                raise HFFormatError(f"config.json: {key}=true is not supported (plain GPT-2 attention only)")
+        if hf.get("scale_attn_weights") is False:
+            raise HFFormatError("config.json: scale_attn_weights=false is not supported (scores are divided by sqrt(d))")
         return ModelConfig(
             vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple, block_size=hf["n_positions"],
             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], mlp="gelu",
             mlp_hidden=hf.get("n_inner") or 0, norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             pos_emb="learned", bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
         )
-    if kind in ("llama", "mistral"):
+    if kind in ("llama", "mistral", "qwen2"):
+        _refuse_unsupported(hf, kind)
         C, H = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim", C // H) != C // H:
-            raise HFFormatError(f"config.json: head_dim={hf['head_dim']} != hidden_size/num_attention_heads={C // H}")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise HFFormatError("config.json: attention_bias/mlp_bias=true is not supported (llm_dist llama has no biases)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise HFFormatError(f"config.json: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+        block = hf["max_position_embeddings"]
+        # A window as long as the context (or none) is full attention: no windowed layers, no streaming.
         window = (hf.get("sliding_window") or 0) if kind == "mistral" else 0
+        window = 0 if window >= block else window
+        theta, scaling = _rope(hf)
         return ModelConfig(
-            vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple, block_size=hf["max_position_embeddings"],
+            vocab_size=hf["vocab_size"], vocab_multiple=vocab_multiple, block_size=block,
             n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
             mlp="swiglu", mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-            pos_emb="rope", rope_theta=_rope_theta(hf), bias=False,
+            pos_emb="rope", rope_theta=theta, rope_scaling=scaling, bias=False, qkv_bias=kind == "qwen2",
             tie_embeddings=hf.get("tie_word_embeddings", False), attn=AttnConfig(window=window),
         )
     raise HFFormatError(f"config.json: model_type={kind!r} is not supported; expected one of {', '.join(SUPPORTED)}")
 
 
 def _hf_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """q/k projection rows from HF's half-split RoPE layout to llm_dist's interleaved pairs. w: (n_heads*D, C)."""
+    """q/k projection rows from HF's half-split RoPE layout to llm_dist's interleaved pairs.
+    w: (n_heads*D, C), or a bias (n_heads*D,)."""
     D = w.shape[0] // n_heads
-    return w.view(n_heads, 2, D // 2, -1).transpose(1, 2).reshape(n_heads * D, -1)
+    out = w.reshape(n_heads, 2, D // 2, -1).transpose(1, 2).reshape(n_heads * D, -1)
+    return out.reshape(w.shape)
 
 
 def _pairs_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of `_hf_to_pairs`."""
     D = w.shape[0] // n_heads
-    return w.view(n_heads, D // 2, 2, -1).transpose(1, 2).reshape(n_heads * D, -1)
+    out = w.reshape(n_heads, D // 2, 2, -1).transpose(1, 2).reshape(n_heads * D, -1)
+    return out.reshape(w.shape)
 
 
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -157,7 +213,7 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], hf: dict, cfg: ModelConfi
                 out[f"{b}{dst}.bias"] = _take(sd, f"{h}{src}.bias")
         out["norm_f.weight"], out["norm_f.bias"] = _take(sd, "ln_f.weight"), _take(sd, "ln_f.bias")
         head = sd.pop("lm_head.weight", None)
-    else:  # llama / mistral
+    else:  # llama / mistral / qwen2
         H, Hkv = cfg.n_head, cfg.n_kv_head or cfg.n_head
         out["tok_emb.weight"] = _pad_rows(_take(sd, "model.embed_tokens.weight"), padded_vocab)
         for i in range(cfg.n_layer):
@@ -165,6 +221,10 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], hf: dict, cfg: ModelConfi
             out[b + "attn.wq.weight"] = _hf_to_pairs(_take(sd, h + "self_attn.q_proj.weight"), H)
             out[b + "attn.wk.weight"] = _hf_to_pairs(_take(sd, h + "self_attn.k_proj.weight"), Hkv)
             out[b + "attn.wv.weight"] = _take(sd, h + "self_attn.v_proj.weight")
+            if cfg.qkv_bias:  # qwen2: the q/k biases are rows of the projection, so they are permuted the same way
+                out[b + "attn.wq.bias"] = _hf_to_pairs(_take(sd, h + "self_attn.q_proj.bias"), H)
+                out[b + "attn.wk.bias"] = _hf_to_pairs(_take(sd, h + "self_attn.k_proj.bias"), Hkv)
+                out[b + "attn.wv.bias"] = _take(sd, h + "self_attn.v_proj.bias")
             out[b + "attn.wo.weight"] = _take(sd, h + "self_attn.o_proj.weight")
             for name in ("gate", "up", "down"):
                 out[f"{b}mlp.{name}.weight"] = _take(sd, f"{h}mlp.{name}_proj.weight")
@@ -198,7 +258,7 @@ def load_hf(path: str | Path, device: torch.device | str = "cpu", vocab_multiple
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
-    """'gpt2', 'llama' or 'mistral': the HF architecture that expresses this config exactly, else an error."""
+    """'gpt2', 'llama', 'mistral' or 'qwen2': the HF architecture that expresses this config exactly, else an error."""
     def no(reason: str) -> HFFormatError:
         return HFFormatError(f"model cannot be exported to Hugging Face format: {reason}")
 
@@ -213,11 +273,17 @@ def hf_architecture(cfg: ModelConfig) -> str:
             raise no(f"model.n_kv_head={cfg.n_kv_head} (GPT-2 has no grouped-query attention)")
         if cfg.attn.window:
             raise no("model.attn.window with GPT-2 layout")
+        if cfg.rope_scaling.type != "none":
+            raise no("model.rope_scaling with GPT-2 layout (learned positions)")
         return "gpt2"
     if llama:
         a = cfg.attn
         if a.sinks or (a.pattern and len({k.strip() for k in a.pattern.split(",")}) > 1):
             raise no("model.attn.sinks / mixed local-global patterns have no Llama/Mistral equivalent")
+        if cfg.qkv_bias:
+            if a.window:
+                raise no("model.qkv_bias with model.attn.window (Qwen2's window covers only some layers)")
+            return "qwen2"
         return "mistral" if a.window else "llama"
     raise no(f"pos_emb={cfg.pos_emb}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias} is neither GPT-2 "
              "(learned, layernorm, gelu, bias) nor Llama (rope, rmsnorm, swiglu, no bias)")
@@ -236,17 +302,31 @@ def hf_config(cfg: ModelConfig) -> dict:
         }
     from llm_dist.model.layers import mlp_hidden_size
 
+    r = cfg.rope_scaling
+    rope = {"rope_type": "default" if r.type == "none" else r.type, "rope_theta": cfg.rope_theta}
+    if r.type != "none":
+        rope["factor"] = r.factor
+    if r.type == "llama3":
+        rope.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+                    original_max_position_embeddings=r.original_max_position_embeddings)
+    class_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
     out = {
-        "architectures": ["MistralForCausalLM" if arch == "mistral" else "LlamaForCausalLM"], "model_type": arch,
+        "architectures": [class_name], "model_type": arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": mlp_hidden_size(cfg),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head or cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
         "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False, "dtype": "float32",
     }
+    if r.type != "none":  # transformers 4.x reads the scaling from here (5.x from rope_parameters)
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if arch == "mistral":
         out["sliding_window"] = cfg.attn.window
+    if arch == "qwen2":  # q/k/v biases are implied by the architecture
+        del out["attention_bias"], out["mlp_bias"]
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                   layer_types=["full_attention"] * cfg.n_layer)
     return out
 
 
@@ -276,6 +356,10 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
             out[h + "self_attn.q_proj.weight"] = _pairs_to_hf(sd[b + "attn.wq.weight"], H)
             out[h + "self_attn.k_proj.weight"] = _pairs_to_hf(sd[b + "attn.wk.weight"], Hkv)
             out[h + "self_attn.v_proj.weight"] = sd[b + "attn.wv.weight"]
+            if cfg.qkv_bias:
+                out[h + "self_attn.q_proj.bias"] = _pairs_to_hf(sd[b + "attn.wq.bias"], H)
+                out[h + "self_attn.k_proj.bias"] = _pairs_to_hf(sd[b + "attn.wk.bias"], Hkv)
+                out[h + "self_attn.v_proj.bias"] = sd[b + "attn.wv.bias"]
             out[h + "self_attn.o_proj.weight"] = sd[b + "attn.wo.weight"]
             for name in ("gate", "up", "down"):
                 out[f"{h}mlp.{name}_proj.weight"] = sd[f"{b}mlp.{name}.weight"]
@@ -287,11 +371,14 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}  # safetensors refuses shared/strided storage
 
 
-def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 0) -> Path:
-    """Write config.json + model.safetensors (or shards + index when over `max_shard_bytes` > 0) to `path`."""
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 0,
+            dtype: torch.dtype = torch.float32) -> Path:
+    """Write config.json + model.safetensors (or shards + index when over `max_shard_bytes` > 0) to `path`,
+    the weights cast to `dtype` (config.json's "dtype" says which)."""
     folder = Path(path)
     config = hf_config(model.cfg)
-    tensors = state_dict_to_hf(model)
+    tensors = {k: v.to(dtype) for k, v in state_dict_to_hf(model).items()}
+    config["dtype"] = str(dtype).removeprefix("torch.")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     total = sum(t.numel() * t.element_size() for t in tensors.values())

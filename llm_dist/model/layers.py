@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm_dist.config import ModelConfig
+from llm_dist.config import ModelConfig, RopeScalingConfig
 from llm_dist.kernels.backend import unsupported_reason, warn_once
 from llm_dist.model import scratch
 from llm_dist.model.init import normal_
@@ -179,12 +179,40 @@ def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE (Su et al. 2021) rotation tables, each (n_pos, head_dim/2) float32: cos and sin of p * theta^(-2i/d).
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> torch.Tensor:
+    """RoPE's per-pair angular frequencies theta^(-2i/d), (head_dim/2,) float64, after `scaling` if any.
+
+    linear: every frequency / factor (positions interpolated). llama3 (Llama 3.1's long-context rule, as
+    transformers' `_compute_llama3_parameters`): with L = original_max_position_embeddings, wavelengths
+    2*pi/f longer than L/low_freq_factor are divided by factor, shorter than L/high_freq_factor are kept,
+    and the band between blends the two with s = (L/wavelength - low) / (high - low):
+    f' = (1 - s) * f / factor + s * f. The attention scale stays 1 for both (as in transformers).
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    kind = scaling.type if scaling is not None else "none"
+    if kind == "none":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling.factor
+    if kind != "llama3":
+        raise ValueError(f"unknown rope scaling {kind!r}")
+    L, lo, hi, factor = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
+                         scaling.high_freq_factor, scaling.factor)
+    wavelen = 2 * math.pi / inv_freq  # (D/2,)
+    scaled = torch.where(wavelen > L / lo, inv_freq / factor, inv_freq)  # low frequencies: interpolated
+    smooth = (L / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= L / hi) & (wavelen <= L / lo)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_tables(n_pos: int, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (Su et al. 2021) rotation tables, each (n_pos, head_dim/2) float32: cos and sin of p * inv_freq[i]
+    (`rope_inv_freq`: theta^(-2i/d), optionally scaled).
 
     float64 for the same reason as `sinusoidal_table`: the angle p * inv_freq is large for big p.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)  # (D/2,)
     angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq  # (P, D/2)
     return torch.cos(angles).float(), torch.sin(angles).float()
 
@@ -205,16 +233,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class RotaryEmbedding(nn.Module):
     """Holds the RoPE cos/sin tables for positions 0..block_size-1 as non-persistent float32 buffers."""
 
-    def __init__(self, head_dim: int, block_size: int, theta: float):
+    def __init__(self, head_dim: int, block_size: int, theta: float, scaling: RopeScalingConfig | None = None):
         super().__init__()
-        self.head_dim, self.block_size, self.theta = head_dim, block_size, theta
+        self.head_dim, self.block_size, self.theta, self.scaling = head_dim, block_size, theta, scaling
         self.register_buffer("cos", torch.empty(block_size, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(block_size, head_dim // 2), persistent=False)
         self.init_weights()
 
     def init_weights(self) -> None:
         # Computed on the CPU and copied in place: works on meta (a no-op), keeps the buffer objects.
-        cos, sin = rope_tables(self.block_size, self.head_dim, self.theta)
+        cos, sin = rope_tables(self.block_size, self.head_dim, self.theta, self.scaling)
         with torch.no_grad():
             self.cos.copy_(cos)
             self.sin.copy_(sin)
@@ -232,7 +260,7 @@ class RotaryEmbedding(nn.Module):
         pos = positions.clamp(min=0)
         if max_pos < self.block_size:
             return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=pos.device) / self.head_dim)
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(pos.device)  # (D/2,)
         angles = pos.double()[..., None] * inv_freq  # (Bm, T, D/2)
         return torch.cos(angles).float().unsqueeze(1), torch.sin(angles).float().unsqueeze(1)
 

@@ -114,7 +114,7 @@ class Transformer(nn.Module):
         elif cfg.pos_emb == "sinusoidal":
             self.pos_emb = SinusoidalEmbedding(cfg.n_embd, cfg.block_size)
         elif cfg.pos_emb == "rope":
-            self.rope = RotaryEmbedding(self.head_dim, cfg.block_size, cfg.rope_theta)
+            self.rope = RotaryEmbedding(self.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
         elif cfg.pos_emb != "none":
             raise ValueError(f"unknown pos_emb {cfg.pos_emb!r}")
         self.emb_dropout = nn.Dropout(cfg.dropout)

@@ -12,6 +12,8 @@ assistant), so a reward model sees its input exactly as the chat policy writes i
 
     <|user|>What is 2+2?<|end|><|assistant|>4<|end|>        the score is read at the final <|end|>
 
+(in the run's `chat.template`: the sequence always ends with the format's end-of-turn token).
+
 Sequences longer than the context keep their *last* tokens (the response and the token scored).
 Batches: B pairs per global batch, rank r takes its contiguous share; a micro-batch of m pairs is
 (x (2m, T): chosen rows then rejected rows, right-padded; y (m,): 0, or IGNORE_INDEX for padding pairs
@@ -31,7 +33,8 @@ from typing import Sequence
 import torch
 
 from llm_dist.data.jsonl import read_jsonl_rows
-from llm_dist.sft.chat import END, ROLE_TOKENS, DataError, prompt_ids
+from llm_dist.sft.chat import ROLE_TOKENS, DataError
+from llm_dist.sft.chat_format import PROJECT, ChatFormat
 from llm_dist.sft.data import SFTLoader
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.trainer import IGNORE_INDEX
@@ -124,7 +127,7 @@ def read_pairs(path: str) -> list[Pair]:
 
 @dataclass
 class TokenPair:
-    """A tokenised pair: both whole sequences (prompt + response + <|end|>) and the margin to use."""
+    """A tokenised pair: both whole sequences (prompt + response + end-of-turn) and the margin to use."""
 
     chosen: list[int]
     rejected: list[int]
@@ -138,21 +141,30 @@ class TokenPair:
         return max(len(self.chosen), len(self.rejected))
 
 
-def sequence(tok: Tokenizer, prompt: list[dict], response: str) -> list[int]:
-    """The chat-formatted sequence a reward model scores: prompt, <|assistant|>, response, <|end|>."""
-    return prompt_ids(tok, prompt) + tok.encode_ordinary(response) + [tok.special_tokens[END]]
+def prompt_response(tok: Tokenizer, prompt: list[dict], response: str, fmt: ChatFormat = PROJECT
+                    ) -> tuple[list[int], list[int]]:
+    """(prompt ids ending in the assistant header, response ids ending in the end-of-turn token) in chat
+    format `fmt`: the split a policy sees (it is prompted with the first and generates the second)."""
+    return fmt.prompt_ids(tok, prompt), fmt.response_ids(tok, response)
 
 
-def tokenize_pairs(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, margin: float
-                   ) -> tuple[list[TokenPair], int]:
-    """Tokenise; sequences over seq_len keep their last seq_len tokens. Returns (pairs, truncated count).
+def sequence(tok: Tokenizer, prompt: list[dict], response: str, fmt: ChatFormat = PROJECT) -> list[int]:
+    """The chat-formatted sequence a reward model scores: prompt, assistant header, response, end-of-turn."""
+    p, r = prompt_response(tok, prompt, response, fmt)
+    return p + r
+
+
+def tokenize_pairs(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, margin: float,
+                   fmt: ChatFormat = PROJECT) -> tuple[list[TokenPair], int]:
+    """Tokenise in chat format `fmt`; sequences over seq_len keep their last seq_len tokens. Returns (pairs,
+    truncated count).
 
     Each TokenPair also records where its responses start (the prompt's length, less what truncation cut).
     """
     out, cut = [], 0
     for p in pairs:
-        n_prompt = len(prompt_ids(tok, p.prompt))
-        c, r = sequence(tok, p.prompt, p.chosen), sequence(tok, p.prompt, p.rejected)
+        n_prompt = len(fmt.prompt_ids(tok, p.prompt))
+        c, r = sequence(tok, p.prompt, p.chosen, fmt), sequence(tok, p.prompt, p.rejected, fmt)
         if len(c) > seq_len or len(r) > seq_len:
             cut += 1
         cs, rs = max(n_prompt - max(len(c) - seq_len, 0), 0), max(n_prompt - max(len(r) - seq_len, 0), 0)

@@ -1,9 +1,10 @@
 """A trained reward model as a scorer: load it frozen from a checkpoint, score chat sequences in batches.
 
 Used by the RL stages (`rl.reward_model`) to reward completions instead of a task's rule. The model is the
-transformer with its scalar head (`model.score_head`), read at each sequence's last token (the `<|end|>`
-that closes the response, as in training: `llm_dist.reward.data.sequence`). Every rank holds a whole
-frozen copy (like the reference policy): scoring needs no collective.
+transformer with its scalar head (`model.score_head`), read at each sequence's last token (the chat
+format's end-of-turn token, e.g. `<|end|>`, that closes the response, as in training:
+`llm_dist.reward.data.sequence`). Every rank holds a whole frozen copy (like the reference policy): scoring
+needs no collective.
 """
 
 from __future__ import annotations

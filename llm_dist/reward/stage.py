@@ -21,8 +21,9 @@ from llm_dist.model.transformer import model_summary
 from llm_dist.parallel import build_parallel_model
 from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
 from llm_dist.reward.loss import RewardLoss
-from llm_dist.sft.chat import END, DataError
-from llm_dist.stages import (checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
+from llm_dist.sft.chat import DataError
+from llm_dist.sft.chat_format import chat_format
+from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
                              train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
@@ -34,21 +35,22 @@ def split_pairs(cfg: Config) -> tuple[list[Pair], list[Pair]]:
     return train_eval_rows("reward", r.data, r.eval_data, r.eval_fraction, cfg.train.seed, read_pairs)
 
 
-def main(cfg: Config) -> int:
-    """Train a reward model; returns the process exit code (0, EXIT_REQUEUE, EXIT_NONFINITE)."""
+def main(cfg: Config) -> RunResult:
+    """Train a reward model; returns the run directory, last metrics and exit code (0, EXIT_REQUEUE,
+    EXIT_NONFINITE)."""
     try:
         train_pairs, eval_pairs = split_pairs(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = True
         tok, init_url = setup_chat_model(cfg, cfg.reward.init_from)
-        t, r = cfg.train, cfg.reward
+        t, r, fmt = cfg.train, cfg.reward, chat_format(cfg.chat.template)
         seq_len = cfg.model.block_size
-        train_tp, cut = tokenize_pairs(tok, train_pairs, seq_len, r.margin)
-        eval_tp, _ = tokenize_pairs(tok, eval_pairs, seq_len, r.margin)
-        end_id = tok.special_tokens[END]
+        train_tp, cut = tokenize_pairs(tok, train_pairs, seq_len, r.margin, fmt)
+        eval_tp, _ = tokenize_pairs(tok, eval_pairs, seq_len, r.margin, fmt)
+        end_id = fmt.end_id(tok)
         loader = PairLoader(train_tp, t.batch_size, t.micro_batch_size, rt.rank, rt.world_size, seed=t.seed,
                             pad_id=end_id, device=rt.device)
         D.print0(f"reward data: {len(train_tp)} train / {len(eval_tp)} held-out pairs ({cut} cut to their last "

@@ -38,15 +38,15 @@ from llm_dist.rl.rollout import all_gather_cat, logprobs_from_logits, my_samples
 from llm_dist.rl.tasks import Task
 from llm_dist.rl.tasks.base import TaskItem, stable_hash
 from llm_dist.reward.model import score_sequences
-from llm_dist.sft.chat import prompt_ids
+from llm_dist.sft.chat_format import PROJECT, ChatFormat, chat_format
 from llm_dist.sft.evaluate import complete
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.trainer import IGNORE_INDEX, Batch
 
 
-def chat_prompt(tok: Tokenizer, item: TaskItem) -> list[int]:
-    """The generation prompt of a task item: one user message, then <|assistant|>."""
-    return prompt_ids(tok, [{"role": "user", "content": item.prompt}])
+def chat_prompt(tok: Tokenizer, item: TaskItem, fmt: ChatFormat = PROJECT) -> list[int]:
+    """The generation prompt of a task item in chat format `fmt`: one user message, then the assistant header."""
+    return fmt.prompt_ids(tok, [{"role": "user", "content": item.prompt}])
 
 
 @torch.no_grad()
@@ -99,6 +99,7 @@ class RolloutSource:
                  stop_id: int, rank: int, world: int, device: torch.device, lockstep: bool = False,
                  reward_model: nn.Module | None = None) -> None:
         self.cfg, self.task, self.tok = cfg, task, tok
+        self.fmt = chat_format(cfg.chat.template)  # prompts; stop_id is its end-of-turn token
         self.policy, self.ref = policy, ref  # bare models: generation and no-grad scoring
         self.reward_model = reward_model  # frozen scorer (rl.reward_model); None: the task's reward function
         self.stop_id, self.rank, self.world, self.device, self.lockstep = stop_id, rank, world, device, lockstep
@@ -173,7 +174,7 @@ class RolloutSource:
     def score(self, items: Sequence[TaskItem], prompts: Sequence[list[int]], comps: Sequence[list[int]]
               ) -> torch.Tensor:
         """Rewards (n,) fp32: the task's rule on the decoded text, or the reward model read at the closing
-        <|end|> (appended when the completion ran out of tokens, so every sequence is read at the same token)."""
+        end-of-turn token (appended when the completion ran out of tokens, so every sequence is read at the same token)."""
         if self.reward_model is None:
             texts = [self.tok.decode([i for i in c if i != self.stop_id]) for c in comps]
             return torch.tensor([self.task.reward(t, it) for t, it in zip(texts, items)], dtype=torch.float32)
@@ -185,7 +186,7 @@ class RolloutSource:
         """This rank's (prompts, completions, rewards (n,)) of a rollout, and the seconds spent generating."""
         t0 = time.perf_counter()
         items = self.items(prompt_pos)
-        prompts = [chat_prompt(self.tok, it) for it in items]
+        prompts = [chat_prompt(self.tok, it, self.fmt) for it in items]
         comps = self.generate(prompts, rollout)
         t_gen = time.perf_counter() - t0
         return prompts, comps, self.score(items, prompts, comps), t_gen

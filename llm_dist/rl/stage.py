@@ -37,10 +37,10 @@ from llm_dist.rl.ppo import PPOLoss
 from llm_dist.rl.ppo_source import PPOSource
 from llm_dist.rl.source import RolloutSource, chat_prompt
 from llm_dist.rl.tasks import Task, get_task
-from llm_dist.sft.chat import END
+from llm_dist.sft.chat_format import PROJECT, ChatFormat, chat_format
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import (checkpoint_saver, init_from_checkpoint, open_checkpoints, run_fit, setup_chat_model,
-                             stage_throughput, write_run_config)
+from llm_dist.stages import (RunResult, check_chat_format, checkpoint_saver, init_from_checkpoint, open_checkpoints,
+                             resolve_checkpoint_url, run_fit, setup_chat_model, stage_throughput, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Batch, Trainer, resolve_dtype
@@ -70,10 +70,10 @@ def build_reference(cfg: Config, url: str | None, device: torch.device) -> nn.Mo
     return ref.to(device).eval().requires_grad_(False)
 
 
-def accuracy_items(task: Task, tok: Tokenizer, n: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, reference answer) of the first n held-out problems."""
+def accuracy_items(task: Task, tok: Tokenizer, n: int, fmt: ChatFormat = PROJECT) -> list[tuple[list[int], str]]:
+    """(prompt ids in chat format `fmt`, reference answer) of the first n held-out problems."""
     total = task.num_items("eval")
-    return [(chat_prompt(tok, it), it.answer) for it in task.items("eval", min(n, total) if total else n)]
+    return [(chat_prompt(tok, it, fmt), it.answer) for it in task.items("eval", min(n, total) if total else n)]
 
 
 def check_batch(cfg: Config, world_size: int, algo: str = "grpo") -> None:
@@ -94,17 +94,19 @@ def check_batch(cfg: Config, world_size: int, algo: str = "grpo") -> None:
                           f"(train.micro_batch_size={t.micro_batch_size})")
 
 
-def main(cfg: Config) -> int:
-    """Run GRPO; returns the process exit code (0, EXIT_REQUEUE after a scheduler signal, EXIT_NONFINITE)."""
+def main(cfg: Config) -> RunResult:
+    """Run GRPO; returns the run directory, last metrics and exit code (0, EXIT_REQUEUE after a scheduler
+    signal, EXIT_NONFINITE)."""
     return run_rl(cfg, "grpo")
 
 
-def ppo_main(cfg: Config) -> int:
-    """Run PPO; returns the process exit code (0, EXIT_REQUEUE after a scheduler signal, EXIT_NONFINITE)."""
+def ppo_main(cfg: Config) -> RunResult:
+    """Run PPO; returns the run directory, last metrics and exit code (0, EXIT_REQUEUE after a scheduler
+    signal, EXIT_NONFINITE)."""
     return run_rl(cfg, "ppo")
 
 
-def run_rl(cfg: Config, algo: str) -> int:
+def run_rl(cfg: Config, algo: str) -> RunResult:
     """The GRPO or PPO stage (see the module docstring)."""
     r, t = cfg.rl, cfg.train
     check_batch(cfg, world_size_from_env(), algo)  # before any process group or file
@@ -112,15 +114,17 @@ def run_rl(cfg: Config, algo: str) -> int:
         task = get_task(r.task, r.task_level, r.task_seed, r.data_dir)
     except (ValueError, OSError) as e:  # unknown task, missing GSM8K files: one line
         raise ConfigError(f"rl.task: {e}") from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = algo == "ppo"  # PPO's value head shares the policy's backbone
         tok, init_url = setup_chat_model(cfg, r.init_from)
-        end_id = tok.special_tokens[END]
+        fmt = chat_format(cfg.chat.template)
+        end_id = fmt.end_id(tok)
         rm = None
         if r.reward_model:
             rm, rm_tok = load_reward_model(r.reward_model, rt.device)
             check_same_tokenizer(tok, rm_tok, r.reward_model)
+            check_chat_format(resolve_checkpoint_url(r.reward_model), rm_tok, fmt.name, "rl.reward_model")
         amp_dtype = resolve_dtype(t.dtype, rt.device)
         pm = build_parallel_model(cfg, rt, amp_dtype)
         D.print0(f"{rt.world_size} rank(s) on {rt.device}, strategy {pm.strategy}; {model_summary(pm.model)}")
@@ -149,7 +153,7 @@ def run_rl(cfg: Config, algo: str) -> int:
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         seq_len = cfg.model.block_size
         throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
-        items = accuracy_items(task, tok, r.eval_examples) if r.eval_examples else []
+        items = accuracy_items(task, tok, r.eval_examples, fmt) if r.eval_examples else []
         mode = "gsm8k" if r.task == "gsm8k" else "exact"
 
         save = checkpoint_saver(ckpt, trainer, cfg, tok, tok.name, pm.strategy,

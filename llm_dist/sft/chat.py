@@ -1,13 +1,14 @@
-"""Chat template, its special tokens, and reading SFT rows in the three accepted formats.
+"""Chat tokens on a tokenizer, rendering in a chat format, reading SFT rows in the three accepted formats.
 
-Template (one special token per role, `<|end|>` closes every message):
+The formats themselves (`project`, the default, `chatml`, `llama3`) live in `llm_dist.sft.chat_format`;
+the functions here take one (`fmt`, default `project`):
 
     <|system|>You are terse.<|end|><|user|>2+2?<|end|><|assistant|>4<|end|>
 
-Only the assistant messages' content and their closing `<|end|>` carry loss (the model learns to answer
-and to stop); the role tokens and everything else are context. Generation prompts end with
-`<|assistant|>` and stop at `<|end|>`. Message text is encoded with `encode_ordinary`, so a user typing
-"<|end|>" gets plain text, never the control token.
+Only the assistant messages' content and their closing end-of-turn token carry loss (the model learns to
+answer and to stop); everything else is context. Generation prompts end with the assistant header
+(`<|assistant|>`) and stop at the end-of-turn token (`<|end|>`). Message text is encoded with
+`encode_ordinary`, so a user typing "<|end|>" gets plain text, never the control token.
 
 Rows (JSONL, one object per line): {"prompt", "response"}; {"messages": [{"role", "content"}, ...]}
 (roles system | user | assistant, last one assistant); GSM8K's {"question", "answer"}.
@@ -20,11 +21,12 @@ import re
 from dataclasses import dataclass
 
 from llm_dist.data.jsonl import read_jsonl_rows
-from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from llm_dist.sft.chat_format import PROJECT, ChatFormat
+from llm_dist.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer
 from llm_dist.tokenizer.pretokenize import GPT2_PATTERN
 
-SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END)
+SYSTEM, USER, ASSISTANT, END = PROJECT.special_tokens  # the project format's tokens
+CHAT_TOKENS = PROJECT.special_tokens
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
@@ -32,20 +34,24 @@ class DataError(ValueError):
     """A bad SFT/RL data row; the message is one line naming the file, the line and the key."""
 
 
-def add_chat_tokens(tok: Tokenizer) -> Tokenizer:
-    """The tokenizer with the chat special tokens appended after its highest id (unchanged if present).
+def add_chat_tokens(tok: Tokenizer, fmt: ChatFormat = PROJECT) -> Tokenizer:
+    """The tokenizer with the chat format's special tokens appended after its highest id (unchanged if it
+    has them all: an imported tokenizer keeps its own ids for them).
 
     Ordinary text encodes to the same ids as before. A byte tokenizer becomes the equivalent BPE with the
     256 single bytes as its only ranks (identical ids), because a BPE tokenizer can be saved into a
     checkpoint as a file and reloaded with its extra specials; the builtin "byte" spec could not.
     """
-    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
+    missing = fmt.missing_tokens(tok)
     if not missing:
         return tok
+    suffix = "chat" if fmt is PROJECT else fmt.name  # "+chat": the name project checkpoints always had
+    if isinstance(tok, HFTokenizer):  # a model's own vocabulary: the tokens are added to it (ids after the last)
+        return tok.with_special_tokens(missing, f"{tok.name}+{suffix}")
     if isinstance(tok, ByteTokenizer):
-        ranks, pattern, name = {bytes([b]): b for b in range(256)}, GPT2_PATTERN, "byte+chat"
+        ranks, pattern, name = {bytes([b]): b for b in range(256)}, GPT2_PATTERN, f"byte+{suffix}"
     elif isinstance(tok, BPETokenizer):
-        ranks, pattern, name = tok.mergeable_ranks, tok.pattern, f"{tok.name}+chat"
+        ranks, pattern, name = tok.mergeable_ranks, tok.pattern, f"{tok.name}+{suffix}"
     else:
         raise TypeError(f"cannot add chat tokens to a {type(tok).__name__}")
     specials = dict(tok.special_tokens)
@@ -115,24 +121,14 @@ def read_jsonl(path: str, difficulty_field: str = "") -> list[Conversation]:
     return [row_to_conversation(row, where, difficulty_field) for row, where in read_jsonl_rows(path, DataError)]
 
 
-def render(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def render(tok: Tokenizer, messages: list[dict], fmt: ChatFormat = PROJECT) -> tuple[list[int], list[bool]]:
     """Token ids of a whole conversation and, per id, whether it is a loss-bearing (response) token."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    end = tok.special_tokens[END]
-    for m in messages:
-        body = tok.encode_ordinary(m["content"]) + [end]
-        ids.append(tok.special_tokens[ROLE_TOKENS[m["role"]]])
-        mask.append(False)
-        ids += body
-        mask += [m["role"] == "assistant"] * len(body)
-    return ids, mask
+    return fmt.render(tok, messages)
 
 
-def prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tok: Tokenizer, messages: list[dict], fmt: ChatFormat = PROJECT) -> list[int]:
     """The generation prompt for the reply to `messages` (which must not end with the reply)."""
-    ids, _ = render(tok, messages)
-    return ids + [tok.special_tokens[ASSISTANT]]
+    return fmt.prompt_ids(tok, messages)
 
 
 # ------------------------------------------------------------------------------------ answer checking

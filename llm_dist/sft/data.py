@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from llm_dist.sft.chat import Conversation, prompt_ids, render
+from llm_dist.sft.chat_format import PROJECT, ChatFormat
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.trainer import IGNORE_INDEX
 
@@ -39,12 +40,13 @@ class Example:
         return len(self.ids) - 1
 
 
-def tokenize(tok: Tokenizer, convs: Sequence[Conversation], seq_len: int) -> tuple[list[Example], int, int]:
-    """Render and tokenise; cut to seq_len + 1 tokens. Returns (examples, truncated, dropped): examples
-    left with no response token after the cut are dropped."""
+def tokenize(tok: Tokenizer, convs: Sequence[Conversation], seq_len: int, fmt: ChatFormat = PROJECT
+             ) -> tuple[list[Example], int, int]:
+    """Render in chat format `fmt` and tokenise; cut to seq_len + 1 tokens. Returns (examples, truncated,
+    dropped): examples left with no response token after the cut are dropped."""
     out, truncated, dropped = [], 0, 0
     for c in convs:
-        ids, mask = render(tok, c.messages)
+        ids, mask = render(tok, c.messages, fmt)
         if len(ids) > seq_len + 1:
             ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
             truncated += 1
@@ -55,9 +57,10 @@ def tokenize(tok: Tokenizer, convs: Sequence[Conversation], seq_len: int) -> tup
     return out, truncated, dropped
 
 
-def eval_prompts(tok: Tokenizer, convs: Sequence[Conversation]) -> list[tuple[list[int], str]]:
-    """(prompt ids ending in <|assistant|>, reference reply) for exact-match evaluation."""
-    return [(prompt_ids(tok, c.messages[:-1]), c.reference) for c in convs]
+def eval_prompts(tok: Tokenizer, convs: Sequence[Conversation], fmt: ChatFormat = PROJECT
+                 ) -> list[tuple[list[int], str]]:
+    """(prompt ids ending in the assistant header, reference reply) for exact-match evaluation."""
+    return [(prompt_ids(tok, c.messages[:-1], fmt), c.reference) for c in convs]
 
 
 def epoch_order(examples: Sequence[Example], epoch: int, seed: int, curriculum: str) -> list[int]:

@@ -15,11 +15,12 @@ from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
 from llm_dist.model.transformer import model_summary
 from llm_dist.parallel import build_parallel_model
-from llm_dist.sft.chat import END, Conversation, DataError, read_jsonl
+from llm_dist.sft.chat import Conversation, DataError, read_jsonl
+from llm_dist.sft.chat_format import chat_format
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import (checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
+from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
                              train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
@@ -33,24 +34,25 @@ def split_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversat
                            lambda path: read_jsonl(path, field))
 
 
-def main(cfg: Config) -> int:
-    """Run SFT; returns the process exit code (as pretraining: 0, EXIT_REQUEUE, EXIT_NONFINITE)."""
+def main(cfg: Config) -> RunResult:
+    """Run SFT; returns the run directory, last metrics and exit code (as pretraining: 0, EXIT_REQUEUE,
+    EXIT_NONFINITE)."""
     try:
         train_convs, eval_convs = split_conversations(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
         out_dir = Path(cfg.out_dir)
-        tok, init_url = setup_chat_model(cfg, cfg.sft.init_from)
-        t, s = cfg.train, cfg.sft
+        tok, init_url = setup_chat_model(cfg, cfg.sft.init_from, switch_format=True)
+        t, s, fmt = cfg.train, cfg.sft, chat_format(cfg.chat.template)
         seq_len = cfg.model.block_size
-        train_ex, cut, dropped = tokenize(tok, train_convs, seq_len)
-        eval_ex, _, _ = tokenize(tok, eval_convs, seq_len)
-        end_id = tok.special_tokens[END]
+        train_ex, cut, dropped = tokenize(tok, train_convs, seq_len, fmt)
+        eval_ex, _, _ = tokenize(tok, eval_convs, seq_len, fmt)
+        end_id = fmt.end_id(tok)
         loader = SFTLoader(train_ex, seq_len, t.batch_size, t.micro_batch_size, rt.rank, rt.world_size,
                            seed=t.seed, pack=s.pack, curriculum=s.curriculum, pad_id=end_id, device=rt.device)
         D.print0(f"sft data: {len(train_ex)} train / {len(eval_ex)} held-out examples ({cut} cut to "
-                 f"{seq_len + 1} tokens, {dropped} dropped with no response left); {loader}")
+                 f"{seq_len + 1} tokens, {dropped} dropped with no response left), chat format {fmt.name}; {loader}")
 
         amp_dtype = resolve_dtype(t.dtype, rt.device)
         pm = build_parallel_model(cfg, rt, amp_dtype)
@@ -63,7 +65,7 @@ def main(cfg: Config) -> int:
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
-        items = eval_prompts(tok, eval_convs[: s.eval_examples])
+        items = eval_prompts(tok, eval_convs[: s.eval_examples], fmt)
         eval_batches = loader.eval_batches(eval_ex, max_rows=cfg.eval.steps * t.batch_size) if eval_ex else []
 
         save = checkpoint_saver(ckpt, trainer, cfg, tok, tok.name, pm.strategy,

@@ -19,13 +19,13 @@ import json
 import os
 from pathlib import Path
 
+from llm_dist.bundled import ASSETS_DIR
 from llm_dist.tokenizer.base import EOT
 from llm_dist.tokenizer.bpe import BPETokenizer, TokenizerFileError
 from llm_dist.tokenizer.pretokenize import GPT2_PATTERN
 
-# The GPT-2 files shipped in the repo (see data/gpt2_bpe/README.md); parents[2] is the repo root for an
-# editable install / source checkout.
-GPT2_DIR = Path(__file__).resolve().parents[2] / "data" / "gpt2_bpe"
+# The GPT-2 files shipped in the package (llm_dist/assets/gpt2_bpe/README.md; data/gpt2_bpe in a checkout).
+GPT2_DIR = ASSETS_DIR / "gpt2_bpe"
 GPT2_SPECIALS = {EOT: 50256}
 
 
@@ -151,5 +151,6 @@ def load_gpt2() -> BPETokenizer:
     """
     path = GPT2_DIR / "gpt2.tiktoken"
     if not path.is_file():
-        raise TokenizerFileError(path, "bundled GPT-2 ranks not found; expected the repo's data/gpt2_bpe/ (editable install)")
+        raise TokenizerFileError(path, "bundled GPT-2 ranks not found; the package should ship llm_dist/assets/gpt2_bpe/ "
+                                       "(reinstall it)")
     return load_tiktoken_file(path, GPT2_PATTERN, dict(GPT2_SPECIALS), name="gpt2")

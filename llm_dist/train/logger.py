@@ -1,5 +1,9 @@
 """Metrics out of the training loop: console, a JSONL file (always), and optionally wandb / TensorBoard.
 
+The console line reads `step 120/2000 | loss 3.2500 | ... | step_time 34.5 ms | tok_per_s 354,861 | mfu 30.7% |
+mem_gib 4.5000 | elapsed 1m02s | eta 3m10s`; on a terminal a progress bar is redrawn on its last line
+between those lines, while a file or a SLURM log gets the plain lines only.
+
 One interface (`MetricsLogger.log` for numbers, `.text` for samples) in front of several sinks. Only
 rank 0 writes. A sink that fails (wandb not installed or offline, TensorBoard missing, a full disk under
 the JSONL file) warns once, naming the backend and the error, and is switched off; training never stops
@@ -17,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from llm_dist.config import LoggingConfig
+from llm_dist.train.progress import format_duration, render_bar
+
+# Durations the console shows as clock time (JSONL keeps the seconds): key -> its console name.
+_DURATIONS = {"elapsed_s": "elapsed", "eta_s": "eta"}
 
 
 def _is_time(key: str) -> bool:
@@ -26,7 +34,9 @@ def _is_time(key: str) -> bool:
 
 def _fmt(key: str, v: Any) -> str:
     """One `key value` field of the console line. JSONL keeps raw numbers; only the console adds units:
-    MFU (a fraction) as a percentage, times (seconds) in ms or s."""
+    MFU (a fraction) as a percentage, times (seconds) in ms or s, elapsed / eta as 1m02s."""
+    if key in _DURATIONS and isinstance(v, (int, float)):
+        return f"{_DURATIONS[key]} {format_duration(v)}"
     if isinstance(v, float):
         if key == "lr":
             return f"{key} {v:.2e}"
@@ -64,16 +74,62 @@ class Sink:
 
 
 class ConsoleSink(Sink):
-    """`step N | key value | ...` on stdout (MFU in %, times with units); samples are printed by the loop."""
+    """`step N/TOTAL | key value | ...` on stdout (MFU in %, times with units) and, when stdout is a terminal,
+    a progress bar on the last line, erased before each line printed (and by `clear`)."""
 
     name = "console"
+    redraw_s = 0.1  # a bar redrawn more often only costs terminal time
+
+    def __init__(self, stream=None, tty: bool | None = None) -> None:  # noqa: ANN001 - a text stream
+        self.stream = stream
+        self.tty = tty
+        self.total: int | None = None  # max_steps, once the loop has said it
+        self._bar_shown = False
+        self._last_draw = -math.inf
+
+    def _out(self):  # noqa: ANN202 - sys.stdout as it is now (tests and notebooks swap it)
+        return self.stream if self.stream is not None else sys.stdout
+
+    def _is_tty(self) -> bool:
+        if self.tty is not None:
+            return self.tty
+        isatty = getattr(self._out(), "isatty", None)
+        try:
+            return bool(isatty and isatty())
+        except ValueError:  # a closed stream
+            return False
+
+    def clear(self) -> None:
+        """Erase the bar, so that whatever is printed next starts on a clean line."""
+        if self._bar_shown:
+            self._out().write("\r\x1b[K")
+            self._out().flush()
+            self._bar_shown = False
 
     def scalars(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        self.clear()
         body = " | ".join(_fmt(k, v) for k, v in metrics.items())
-        print(f"{prefix}step {step:>6} | {body}", flush=True)
+        where = f"{step:>{len(str(self.total))}}/{self.total}" if self.total else f"{step:>6}"
+        print(f"{prefix}step {where} | {body}", file=self._out(), flush=True)
 
     def text(self, step: int, key: str, text: str) -> None:
-        pass
+        self.clear()
+        print(f"---- {key} at step {step} ----\n{text}\n-------------------------------", file=self._out(), flush=True)
+
+    def progress(self, step: int, elapsed_s: float, eta_s: float, sec_per_step: float) -> None:
+        """Redraw the bar (terminals only; at most every `redraw_s`, and always at the last step)."""
+        if not self.total or not self._is_tty():
+            return
+        now = time.monotonic()
+        if now - self._last_draw < self.redraw_s and step < self.total:
+            return
+        self._last_draw = now
+        self._out().write("\r\x1b[K" + render_bar(step, self.total, elapsed_s, eta_s, sec_per_step))
+        self._out().flush()
+        self._bar_shown = True
+
+    def close(self) -> None:
+        self.clear()
 
 
 class JSONLSink(Sink):
@@ -157,6 +213,7 @@ class MetricsLogger:
     def __init__(self, out_dir: str | os.PathLike, cfg: LoggingConfig, run_config: dict | None = None,
                  enabled: bool = True, filename: str = "metrics.jsonl") -> None:
         self.enabled = enabled
+        self.latest: dict[str, float] = {}  # last value of every scalar logged (on every rank): a run's result
         self.sinks: list[Sink] = []
         self.warnings: list[str] = []  # every warning issued (one per failed backend)
         if not enabled:
@@ -195,8 +252,30 @@ class MetricsLogger:
                 except Exception:  # noqa: BLE001 - it is already broken; one warning is enough
                     pass
 
+    def _console(self) -> ConsoleSink | None:
+        return next((s for s in self.sinks if isinstance(s, ConsoleSink)), None)
+
+    def set_total(self, total: int) -> None:
+        """The step the run ends at: console lines then say `step 120/2000`, and the bar can be drawn."""
+        console = self._console()
+        if console is not None:
+            console.total = total
+
+    def progress(self, step: int, elapsed_s: float, eta_s: float, sec_per_step: float) -> None:
+        """After every step: the console's progress bar (only on a terminal)."""
+        console = self._console()
+        if console is not None:
+            console.progress(step, elapsed_s, eta_s, sec_per_step)
+
+    def clear_progress(self) -> None:
+        """Erase the bar before other code prints (evaluation, checkpoint messages)."""
+        console = self._console()
+        if console is not None:
+            console.clear()
+
     def log(self, step: int, metrics: dict[str, Any], console: bool = True, prefix: str = "") -> None:
         """Write one record. Keys with a `/` (e.g. `val/loss`) are kept as they are in JSONL and wandb."""
+        self.latest.update(_scalars(metrics))
         if self.enabled:
             self._each(lambda s: s.scalars(step, metrics, prefix), console=console)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, Sequence
 
-from llm_dist import distributed as D
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.optim import batch_size_at
 from llm_dist.train.profiler import StepProfiler
+from llm_dist.train.progress import Progress
 from llm_dist.train.throughput import Throughput, memory_gib
 from llm_dist.train.trainer import Batch, Trainer
 
@@ -55,6 +55,8 @@ def fit(
     quantum = trainer.rt.world_size * t.micro_batch_size
     last_saved = trainer.state.step
     reason = "finished"
+    logger.set_total(t.max_steps)
+    progress = Progress(t.max_steps, start_step=trainer.state.step)
     with trainer.stop:
         throughput.resume()
         while trainer.state.step < t.max_steps:
@@ -69,18 +71,23 @@ def fit(
                 profiler.step()
             done = step >= t.max_steps
             stopping = trainer.should_stop() or (stop_at is not None and step >= stop_at)
+            timing = progress.fields(step)  # elapsed_s, eta_s
             if step == 1 or _due(step, t.log_interval) or done or stopping:
-                logger.log(step, {**metrics, **throughput.report(), "mem_gib": memory_gib(trainer.rt.device)})
+                logger.log(step, {**metrics, **throughput.report(), "mem_gib": memory_gib(trainer.rt.device),
+                                  **timing})
+            else:
+                logger.progress(step, timing["elapsed_s"], timing["eta_s"],
+                                timing["elapsed_s"] / max(step - progress.start_step, 1))
             paused = False
             if evaluate is not None and (_due(step, ev.interval) or done):
+                logger.clear_progress()  # the evaluation may print (every rank's code, not the logger's)
                 logger.log(step, evaluate(), prefix="eval  ")
                 paused = True
             if sample is not None and (_due(step, ev.sample_interval) or (done and ev.sample_tokens)):
-                text = sample()
-                D.print0(f"---- sample at step {step} ----\n{text}\n-------------------------------")
-                logger.text(step, "sample", text)
+                logger.text(step, "sample", sample())  # printed by the console sink, logged by the others
                 paused = True
             if save_checkpoint is not None and (_due(step, cfg.checkpoint.interval) or done or stopping):
+                logger.clear_progress()  # the checkpoint manager prints its own lines
                 save_checkpoint()
                 last_saved = step
                 paused = True

@@ -12,7 +12,8 @@ from llm_dist.align.dpo_loss import LOSSES, DPOLoss, preference_loss, sequence_l
 from llm_dist.config import ModelConfig
 from llm_dist.model.transformer import build_model
 from llm_dist.reward.data import Pair, pair_tensors, tokenize_pairs
-from llm_dist.sft.chat import END, add_chat_tokens
+from llm_dist.sft.chat import add_chat_tokens
+from llm_dist.sft.chat_format import PROJECT
 from llm_dist.tokenizer import load_tokenizer
 from llm_dist.train.trainer import IGNORE_INDEX
 
@@ -103,7 +104,7 @@ def test_targets_are_the_response_tokens_only():
             if seq is not None:
                 for t in range(max(start, 1) - 1, len(seq) - 1):  # position t predicts token t + 1
                     want[t] = seq[t + 1]
-                assert seq[-1] == tok.special_tokens[END] and want[len(seq) - 2] == seq[-1]  # <|end|> is a target
+                assert seq[-1] == PROJECT.end_id(tok) and want[len(seq) - 2] == seq[-1]  # <|end|> is a target
             assert tgt[row].tolist() == want, row
     assert y.tolist() == [0] * len(tp) + [IGNORE_INDEX]
 

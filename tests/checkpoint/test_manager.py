@@ -148,3 +148,27 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path: Path) -> None:
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_tokenizer_files_have_the_project_name_and_legacy_names_still_load(tmp_path: Path, monkeypatch,
+                                                                           legacy: bool) -> None:
+    """The tokenizer record and stored BPE are llm_dist_tokenizer*.json (HF's tokenizer.json is a different
+    format); a checkpoint written before the rename (tokenizer.json + tokenizer.bpe.json) still loads."""
+    from llm_dist.checkpoint import manager
+    from llm_dist.tokenizer import BPETokenizer
+
+    tok = BPETokenizer("b", r"\S+|\s+", {bytes([b]): b for b in range(256)} | {b"ab": 256}, {"<|endoftext|>": 257})
+    if legacy:  # what the old writer produced: its names, in the files and in meta.json
+        monkeypatch.setattr(manager, "TOKENIZER_RECORD", manager.LEGACY_TOKENIZER_RECORD)
+        monkeypatch.setattr(manager, "TOKENIZER_FILE", manager.LEGACY_TOKENIZER_FILE)
+    model, opt = tiny_model_opt(0)
+    url = CheckpointManager(str(tmp_path)).save(1, sharded.model_optim_state(model, opt), {"trainer": {"step": 1}},
+                                                "out_dir: x\n", tok, str(tmp_path / "tok.json"))
+    monkeypatch.undo()
+    names = {p.name for p in Path(url).iterdir()}
+    want = {"tokenizer.json", "tokenizer.bpe.json"} if legacy else {"llm_dist_tokenizer.json", "llm_dist_tokenizer.bpe.json"}
+    assert want <= names and not ({"tokenizer.json", "llm_dist_tokenizer.json"} - want) & names
+    assert verify(url, checksums=True) is None
+    assert load_checkpoint_tokenizer(url).fingerprint() == tok.fingerprint()
+    assert load_checkpoint_tokenizer(url).encode_ordinary("abab a") == [256, 256, 32, 97]

@@ -97,7 +97,7 @@ def reference_scores(model: torch.nn.Module, tok, ex: MCExample, block: int) -> 
         c, e = tok.encode_ordinary(ctx), tok.encode_ordinary(end)
         ids = (c + e)[-block:]
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).double()[0]  # (L, V)
+            logits = model(torch.tensor([ids])).double()[0, :, :tok.vocab_size]  # (L, V): padding columns cut
         logp = logits - logits.logsumexp(-1, keepdim=True)
         L = len(ids)
         out.append((sum(logp[j - 1, ids[j]].item() for j in range(L - len(e), L)), len(e)))
@@ -115,13 +115,14 @@ def test_batched_scores_and_accuracy_match_the_reference(tok_name: str) -> None:
     ref = [s for ex in exs for s in reference_scores(model, tok, ex, block)]
     assert got[:, 1].tolist() == [n for _, n in ref]
     assert max(abs(g - r) for g, (r, _) in zip(got[:, 0].tolist(), ref)) < 1e-4  # fp32 log-softmax vs float64
-    acc = acc_norm = 0
+    acc = per_token = per_char = 0
     for i, ex in enumerate(exs):
         s = ref[4 * i:4 * i + 4]
         acc += max(range(4), key=lambda k: s[k][0]) == ex.label
-        acc_norm += max(range(4), key=lambda k: s[k][0] / s[k][1]) == ex.label
+        per_token += max(range(4), key=lambda k: s[k][0] / s[k][1]) == ex.label
+        per_char += max(range(4), key=lambda k: s[k][0] / len(ex.endings[k])) == ex.label  # lm-eval's len(choice)
     res = evaluate_mc(model, tok, exs, block, batch_size=8)  # 2 examples per forward
-    assert res == {"mc/acc": acc / 7, "mc/acc_norm": acc_norm / 7, "mc/n": 7}
+    assert res == {"mc/acc": acc / 7, "mc/acc_norm_tokens": per_token / 7, "mc/acc_norm_chars": per_char / 7, "mc/n": 7}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

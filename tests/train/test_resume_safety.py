@@ -4,6 +4,7 @@ launcher in a subprocess, one line per event, and nothing good deleted or change
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -101,9 +102,9 @@ def test_when_nothing_loads_the_run_stops_and_changes_nothing(base_run: Path, tm
 
 @pytest.mark.parametrize("rel,data,expect", [
     ("config.yaml", b"!!python/object/apply:os.system ['touch MARKER']\n", "config.yaml: not a plain YAML mapping"),
-    ("tokenizer.json", b"\x00garbage{", "tokenizer.json: not valid JSON"),
-    ("tokenizer.json", json.dumps({"spec": "byte", "fingerprint": "x", "file": "../../etc/passwd"}).encode(),
-     "'file' must be 'tokenizer.bpe.json'"),
+    ("llm_dist_tokenizer.json", b"\x00garbage{", "llm_dist_tokenizer.json: not valid JSON"),
+    ("llm_dist_tokenizer.json", json.dumps({"spec": "byte", "fingerprint": "x", "file": "../../etc/passwd"}).encode(),
+     "'file' must be 'llm_dist_tokenizer.bpe.json'"),
     ("train_state.json", b"[]", "train_state.json: expected a JSON object"),
 ])
 def test_crafted_small_files_are_refused_by_name(base_run: Path, tmp_path: Path, prepared_byte_data: Path,
@@ -176,7 +177,7 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(tmp_path: Path, prepared
     workers: list[psutil.Process] = []
     try:
         deadline = time.time() + 180
-        while "step      3 |" not in log.read_text():
+        while not re.search(r"^step +3/\d+ \|", log.read_text(), re.M):
             assert time.time() < deadline and agent.poll() is None, log.read_text()[-2000:]
             time.sleep(0.2)
         workers = [p for p in psutil.Process(agent.pid).children(recursive=True)
