@@ -12,6 +12,11 @@ response lengths n_c, n_r. With pi = policy, ref = reference, beta > 0, label sm
     simpo    h = pi_c / n_c - pi_r / n_r  (no reference)   SimPO (Meng et al. 2024), margin gamma
              l = -(1 - e) log s(beta h - gamma) - e log s(-(beta h - gamma))
 
+Optionally (`dpo.rpo_alpha` = a > 0, RPO: Pang et al. 2024, TRL's `rpo_alpha`) every pair adds a times the
+chosen response's NLL per token, -pi_c / n_c: DPO lowers the chosen log-probs too (only the rejected ones
+faster), and this anchors them. TRL averages that NLL over all chosen tokens of its batch; here it is each
+pair's own token mean, so the term, like the loss, is a mean over pairs and any split over ranks agrees.
+
 These are TRL's formulas: `DPOTrainer.dpo_loss` (sigmoid with label_smoothing, hinge, ipo) and
 `CPOTrainer.cpo_loss` with loss_type="simpo" (simpo_gamma / beta subtracted inside beta * (...)). TRL too
 length-averages the log-probs for ipo (`concatenated_forward`: all_logps / loss_mask.sum) and for simpo
@@ -48,7 +53,7 @@ def sequence_logps(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tenso
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, n_chosen: torch.Tensor, n_rejected: torch.Tensor, kind: str,
-                    beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
+                    beta: float, label_smoothing: float = 0.0, gamma: float = 0.0, rpo_alpha: float = 0.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair (losses, chosen rewards, rejected rewards, chosen logps, rejected logps), all (m,).
 
@@ -59,13 +64,14 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     if kind not in LOSSES:
         raise ValueError(f"dpo loss must be one of {' | '.join(LOSSES)}, got {kind!r}")
     pc, pr, rc, rr = policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    nll = -pc / n_chosen.clamp(min=1).to(pc.dtype) if rpo_alpha else 0.0  # (m,) chosen NLL per token
     if kind in ("ipo", "simpo"):  # length-normalised; clamp: a padding pair has no tokens (its loss is masked)
         nc, nr = n_chosen.clamp(min=1).to(pc.dtype), n_rejected.clamp(min=1).to(pc.dtype)
         pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
     if kind == "simpo":
         z = beta * (pc - pr) - gamma
         losses = -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
-        return losses, beta * pc.detach(), beta * pr.detach(), pc.detach(), pr.detach()
+        return losses + rpo_alpha * nll, beta * pc.detach(), beta * pr.detach(), pc.detach(), pr.detach()
     h = (pc - rc) - (pr - rr)  # (m,) how much more the policy prefers chosen than the reference does
     if kind == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
@@ -73,7 +79,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
         losses = (h - 1 / (2 * beta)) ** 2
     else:  # hinge
         losses = F.relu(1 - beta * h)
-    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach(), pc.detach(), pr.detach()
+    return losses + rpo_alpha * nll, beta * (pc - rc).detach(), beta * (pr - rr).detach(), pc.detach(), pr.detach()
 
 
 class DPOLoss:
@@ -85,8 +91,9 @@ class DPOLoss:
     STATS = ("correct", "margin", "r_chosen", "r_rejected", "logp_chosen", "logp_rejected", "pairs")
 
     def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-                 reference: nn.Module | None = None) -> None:
+                 reference: nn.Module | None = None, rpo_alpha: float = 0.0) -> None:
         self.kind, self.beta, self.label_smoothing, self.gamma = kind, beta, label_smoothing, gamma
+        self.rpo_alpha = rpo_alpha
         self.reference = reference
         self.stats = torch.zeros(len(self.STATS), dtype=torch.float64)
 
@@ -99,7 +106,7 @@ class DPOLoss:
                 ref, _ = sequence_logps(self.reference(x), tgt)  # (2m,)
         losses, rc, rr, lc, lr = preference_loss(logps[:m], logps[m:], ref[:m].to(logps.dtype),
                                                  ref[m:].to(logps.dtype), n[:m], n[m:], self.kind, self.beta,
-                                                 self.label_smoothing, self.gamma)
+                                                 self.label_smoothing, self.gamma, self.rpo_alpha)
         valid = (y != IGNORE_INDEX).to(losses.dtype)  # (m,): 0 for padding pairs of an evaluation batch
         with torch.no_grad():
             self.stats += torch.stack([((rc > rr).to(valid.dtype) * valid).sum(), ((rc - rr) * valid).sum(),

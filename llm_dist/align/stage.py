@@ -65,7 +65,7 @@ def main(cfg: Config) -> RunResult:
         amp_dtype = resolve_dtype(t.dtype, rt.device)
         pm = build_parallel_model(cfg, rt, amp_dtype)
         D.print0(f"{rt.world_size} rank(s) on {rt.device}, strategy {pm.strategy}; {model_summary(pm.model)}")
-        loss = DPOLoss(d.loss, d.beta, d.label_smoothing, d.simpo_gamma)
+        loss = DPOLoss(d.loss, d.beta, d.label_smoothing, d.simpo_gamma, rpo_alpha=d.rpo_alpha)
         trainer = Trainer(cfg, rt, pm, loss_fn=loss, amp_dtype=amp_dtype)
         ckpt, resumed = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]),
                                          init_url, tokenizer=tok)
@@ -79,7 +79,8 @@ def main(cfg: Config) -> RunResult:
             how = f"frozen copy of {init_url or 'the seeded init'}, sharded like the policy"
         D.print0(f"dpo: loss {d.loss}, beta {d.beta}"
                  f"{f', label smoothing {d.label_smoothing}' if d.label_smoothing else ''}"
-                 f"{f', gamma {d.simpo_gamma}' if d.loss == 'simpo' else ''}; reference: {how}")
+                 f"{f', gamma {d.simpo_gamma}' if d.loss == 'simpo' else ''}"
+                 f"{f', + {d.rpo_alpha} x chosen NLL (RPO)' if d.rpo_alpha else ''}; reference: {how}")
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)

@@ -288,6 +288,7 @@ class DPOConfig:
     beta: float = 0.1  # sigmoid/hinge: DPO beta (~0.1); ipo: tau of IPO (~0.1-1); simpo: beta of SimPO (~2)
     label_smoothing: float = 0.0  # sigmoid/simpo: probability a label is flipped (conservative DPO), in [0, 0.5)
     simpo_gamma: float = 0.5  # simpo: target reward margin gamma, subtracted inside the sigmoid
+    rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to each pair's loss (RPO); 0 = off
     precompute_ref: bool = False  # reference log-probs in one pass before training, then the reference is freed
     eval_pairs: int = 0  # held-out pairs per evaluation (0 = all)
     eval_examples: int = 0  # held-out prompts decoded greedily per evaluation, exact match against the chosen reply (0 = none)

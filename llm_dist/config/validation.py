@@ -316,6 +316,7 @@ def _validate_dpo(d: DPOConfig) -> None:
         raise ConfigError(f"dpo.label_smoothing={d.label_smoothing} applies to dpo.loss=sigmoid or simpo, "
                           f"not {d.loss}")
     _positive("dpo.simpo_gamma", d.simpo_gamma, allow_zero=True)
+    _positive("dpo.rpo_alpha", d.rpo_alpha, allow_zero=True)
     if d.precompute_ref and d.loss == "simpo":
         raise ConfigError("dpo.precompute_ref=true: dpo.loss=simpo uses no reference model")
     _choice("dpo.answer", d.answer, ("exact", "gsm8k", "last_number"))

@@ -25,8 +25,11 @@ def _logsig(z: float) -> float:
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
 
 
-def _hand_loss(kind, pc, pr, rc, rr, nc, nr, beta, ls, gamma):
+def _hand_loss(kind, pc, pr, rc, rr, nc, nr, beta, ls, gamma, rpo=0.0):
     """One pair's (loss, chosen reward, rejected reward) in Python floats, straight from the formulas."""
+    if rpo:
+        loss, rew_c, rew_r = _hand_loss(kind, pc, pr, rc, rr, nc, nr, beta, ls, gamma)
+        return loss + rpo * (-pc / nc), rew_c, rew_r
     if kind in ("ipo", "simpo"):
         pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
     if kind == "simpo":
@@ -42,20 +45,21 @@ def _hand_loss(kind, pc, pr, rc, rr, nc, nr, beta, ls, gamma):
     return loss, beta * (pc - rc), beta * (pr - rr)
 
 
-@pytest.mark.parametrize("kind,beta,ls,gamma", [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.0),
-                                                ("ipo", 0.3, 0.0, 0.0), ("hinge", 0.1, 0.0, 0.0),
-                                                ("simpo", 2.0, 0.0, 0.5), ("simpo", 2.5, 0.1, 1.0)])
-def test_losses_equal_float64_hand_computation(kind, beta, ls, gamma):
+@pytest.mark.parametrize("kind,beta,ls,gamma,rpo", [("sigmoid", 0.1, 0.0, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.0, 0.0),
+                                                    ("ipo", 0.3, 0.0, 0.0, 0.0), ("hinge", 0.1, 0.0, 0.0, 0.0),
+                                                    ("simpo", 2.0, 0.0, 0.5, 0.0), ("simpo", 2.5, 0.1, 1.0, 0.0),
+                                                    ("sigmoid", 0.1, 0.0, 0.0, 1.0), ("ipo", 0.3, 0.0, 0.0, 0.5)])
+def test_losses_equal_float64_hand_computation(kind, beta, ls, gamma, rpo):
     g = torch.Generator().manual_seed(0)
     m = 16
     logps = -torch.rand(4, m, generator=g, dtype=torch.float64) * 30  # summed log-probs of ragged responses
     n = torch.randint(1, 12, (2, m), generator=g)  # response lengths
     pc, pr, rc, rr = logps
-    losses, rew_c, rew_r, lc, lr = preference_loss(pc, pr, rc, rr, n[0], n[1], kind, beta, ls, gamma)
+    losses, rew_c, rew_r, lc, lr = preference_loss(pc, pr, rc, rr, n[0], n[1], kind, beta, ls, gamma, rpo)
     assert losses.dtype == torch.float64
     for i in range(m):
         want, want_c, want_r = _hand_loss(kind, *(float(t[i]) for t in logps), int(n[0, i]), int(n[1, i]),
-                                          beta, ls, gamma)
+                                          beta, ls, gamma, rpo)
         assert abs(losses[i].item() - want) <= 1e-12 * max(1.0, abs(want)), (i, losses[i].item(), want)
         assert abs(rew_c[i].item() - want_c) <= 1e-12 and abs(rew_r[i].item() - want_r) <= 1e-12
         avg = kind in ("ipo", "simpo")
