@@ -76,7 +76,7 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
 
 def main(cfg: Config) -> int:
     """Run pretraining; returns the process exit code."""
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         tok = build_tokenizer(cfg)
         resolve_vocab(cfg, tok)
