@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several "hosts" on this machine: one network namespace per node, for CI and for trying multi-node runs.
 #
-#   bash tools/ci/cluster_up.sh [N]      # N nodes (default 2): node0 .. node<N-1>; idempotent
+#   bash tools/ci/cluster_up.sh [N]      # N nodes (default: as many as exist, else 2): node0 .. node<N-1>
 #   bash tools/ci/cluster_up.sh --down   # remove the namespaces, the bridge and the /etc/hosts lines
 #   tools/ci/on_node.sh node1 CMD ...    # run CMD "on" node1 (its network namespace and hostname)
 #
@@ -55,12 +55,13 @@ if [ "${1:-}" = "--down" ]; then
     exit 0
 fi
 
-N=${1:-${CLUSTER_NODES:-2}}
+have=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -c '^llmd-node[0-9]*$' || true)
+# No count given: keep the running cluster's size (slurm_up.sh calls this script too), else 2.
+N=${1:-${CLUSTER_NODES:-$([ "$have" -gt 0 ] && echo "$have" || echo 2)}}
 [[ "$N" =~ ^[0-9]+$ ]] && [ "$N" -ge 1 ] && [ "$N" -le $MAX_NODES ] \
     || { log "number of nodes must be 1..$MAX_NODES, got '$N'"; exit 2; }
 
 # A node count different from the running cluster's: start over.
-have=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -c '^llmd-node[0-9]*$' || true)
 if [ "$have" -ne 0 ] && [ "$have" -ne "$N" ]; then
     log "$have node(s) exist, $N asked: recreating"
     down

@@ -14,5 +14,6 @@ ns=llmd-node${BASH_REMATCH[1]}
 [[ " $(ip netns list | awk '{print $1}' | tr '\n' ' ') " == *" $ns "* ]] \
     || { echo "on_node: no namespace $ns: run 'bash tools/ci/cluster_up.sh' first" >&2; exit 2; }
 export GLOO_SOCKET_IFNAME=llmd0
-# unshare --uts: a hostname for this node only; the shell sets it, then becomes the command.
-exec ip netns exec "$ns" unshare --uts -- bash -c 'hostname "$0" && exec "$@"' "$node" "$@"
+# nsenter --net rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup (slurmd needs
+# it); unshare --uts: a hostname for this node only; the shell sets it, then becomes the command.
+exec nsenter --net="/run/netns/$ns" unshare --uts -- bash -c 'hostname "$0" && exec "$@"' "$node" "$@"
