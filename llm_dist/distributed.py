@@ -21,8 +21,9 @@ import random
 import re
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,7 +220,9 @@ def check_same_config(config: Mapping[str, Any]) -> None:
     shown = ", ".join(f"{k}={configs[0].get(k, '(unset)')} on rank 0 but {configs[other].get(k, '(unset)')} on "
                       f"rank {other}" for k in keys[:3])
     more = f" (and {len(keys) - 3} more key(s))" if len(keys) > 3 else ""
-    from llm_dist.config import ConfigError  # the config layer does not import this module: no cycle
+    from llm_dist.config import (
+        ConfigError,  # the config layer does not import this module: no cycle
+    )
 
     raise ConfigError(f"the ranks were started with different configs: {shown}{more}; start every node with the "
                       "same config file and overrides")

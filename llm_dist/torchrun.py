@@ -21,7 +21,10 @@ import socket
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
 from torch.distributed.run import get_args_parser, run
 
 DEFAULT_READ_TIMEOUT_S = 60  # torch.distributed.elastic's c10d backend default
@@ -49,7 +52,7 @@ def rendezvous_failure(exc: BaseException, endpoint: str, rdzv_conf: str, min_no
 
 
 @record  # as torchrun's own main: a failed worker's error is summarised, then re-raised (exit 1)
-def _torchrun(args) -> None:  # noqa: ANN001 - torchrun's argparse namespace
+def _torchrun(args) -> None:
     run(args)
 
 

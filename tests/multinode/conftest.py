@@ -11,7 +11,10 @@ import subprocess
 
 import pytest
 
-from tests.multinode.nodes import ON_NODE
+from tests.helpers import load_tool
+
+cn = load_tool("cluster_nodes")  # tools/cluster_nodes.py: torchrun on the namespace nodes
+
 
 NODES_NEEDED = 3  # resume on 3 nodes; the SLURM cluster uses the first 2
 
@@ -26,7 +29,7 @@ def cluster() -> int:
              "except ConnectionRefusedError: pass\nprint(socket.gethostname())")
     for i in range(NODES_NEEDED):
         try:
-            p = subprocess.run([str(ON_NODE), f"node{i}", "python3", "-c", probe], capture_output=True, text=True,
+            p = subprocess.run([str(cn.ON_NODE), f"node{i}", "python3", "-c", probe], capture_output=True, text=True,
                                timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
             pytest.fail(f"LLM_DIST_CLUSTER=1 but node{i} does not answer: {e}")

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode.nodes import next_port, run_on_nodes, start_node, torchrun_cmd
+from tests.helpers import load_tool
+
+cn = load_tool("cluster_nodes")  # tools/cluster_nodes.py: torchrun on the namespace nodes
+
 
 READ_TIMEOUT_S = 5
 ARGS = ["launch/pretrain.py", "--config", "configs/debug.yaml", "train.max_steps=2", "train.batch_size=8",
@@ -21,12 +24,12 @@ ARGS = ["launch/pretrain.py", "--config", "configs/debug.yaml", "train.max_steps
 def test_unreachable_rendezvous_is_one_line_within_the_timeout(cluster, tmp_path: Path, endpoint: str):
     """node1 alone, pointed at a port nobody listens on (node0 runs nothing there) or at a host that does not
     exist: torchrun gives up after read_timeout; the last line names the endpoint and the timeout."""
-    port = next_port()
+    port = cn.next_port()
     endpoint = endpoint.format(port=port)
-    cmd = torchrun_cmd("2", 1, port, ["launch/pretrain.py"], "unreachable", rdzv_conf=f"read_timeout={READ_TIMEOUT_S}")
+    cmd = cn.torchrun_cmd("2", 1, port, ["launch/pretrain.py"], "unreachable", rdzv_conf=f"read_timeout={READ_TIMEOUT_S}")
     cmd = [c.replace(f"node0:{port}", endpoint) for c in cmd]
     t0 = time.monotonic()
-    node = start_node("node1", cmd, tmp_path)
+    node = cn.start_node("node1", cmd, tmp_path)
     rc = node.wait(READ_TIMEOUT_S * 3 + 30)  # the connect timeout, twice at most, plus torch's import
     took = time.monotonic() - t0
     last = node.log().strip().splitlines()[-1]
@@ -41,7 +44,7 @@ def test_nodes_with_different_configs_are_refused(cluster, prepared_byte_data: P
     out = tmp_path / "run"
     args = [*ARGS, f"data.dir={prepared_byte_data}", f"out_dir={out}"]
     with pytest.raises(AssertionError) as failed:
-        run_on_nodes(2, 1, args, tmp_path / "logs", timeout=180, overrides={1: ["train.batch_size=4"]})
+        cn.run_on_nodes(2, 1, args, tmp_path / "logs", timeout=180, overrides={1: ["train.batch_size=4"]})
     report = str(failed.value)
     # Every rank refuses; each node's log has the one line.
     logs = {p.name.split("-")[0]: p.read_text() for p in (tmp_path / "logs").iterdir()}

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cpu_env, final_params, read_metrics
-from tests.multinode.nodes import run_on_nodes
+from tests.helpers import REPO, cpu_env, final_params, load_tool, read_metrics
+
+cn = load_tool("cluster_nodes")  # tools/cluster_nodes.py: torchrun on the namespace nodes
+
 
 # Global batch 12 = 1 micro-batch of 1 x 12 ranks... : divisible by 1, 2, 3 and 4 ranks (gradient accumulation
 # makes up the rest), so every world size sees the same samples per step.
@@ -59,7 +61,7 @@ def runs(cluster, data_args, tmp_path_factory) -> dict[str, tuple[Path, float, s
     for strategy in ("ddp", "fsdp", "hsdp"):
         run = tmp_path_factory.mktemp(strategy)
         t0 = time.monotonic()
-        nodes = run_on_nodes(2, 2, [*data_args, f"out_dir={run}", f"parallel.strategy={strategy}"], run / "logs")
+        nodes = cn.run_on_nodes(2, 2, [*data_args, f"out_dir={run}", f"parallel.strategy={strategy}"], run / "logs")
         out[strategy] = (run, time.monotonic() - t0, nodes[0].log())
     return out
 
@@ -89,7 +91,7 @@ def test_hsdp_checkpoint_resumes_on_another_number_of_nodes(cluster, runs, refer
                                                              nproc):
     run, _, _ = runs["hsdp"]
     shutil.copytree(run / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002")
-    nodes = run_on_nodes(nnodes, nproc, [*data_args, f"out_dir={tmp_path}", "parallel.strategy=hsdp"],
+    nodes = cn.run_on_nodes(nnodes, nproc, [*data_args, f"out_dir={tmp_path}", "parallel.strategy=hsdp"],
                          tmp_path / "logs")
     log = nodes[0].log()
     assert f"written by 4 rank(s), now {nnodes * nproc}" in log and "at step 2" in log, log[-3000:]
