@@ -55,7 +55,7 @@ def submit(script: str, sbatch_opts: list[str], args: list[str], job_logs: list[
         subprocess.Popen, str]:
     """sbatch slurm/<script> (from the repository root, CPU partition); (the sbatch process, the job id)."""
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", *sbatch_opts, f"slurm/{script}", *args]
-    p = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(PYTHON=sys.executable, NPROC_PER_NODE="2", **env),
+    p = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(**{"PYTHON": sys.executable, "NPROC_PER_NODE": "2", **env}),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job_id = p.stdout.readline().strip().split(";")[0]
     assert job_id.isdigit(), f"sbatch failed: {p.stderr.read() if p.poll() is not None else ''}"

@@ -26,7 +26,13 @@ MAX_NODES=16
 
 log() { echo "cluster_up: $*" >&2; }
 [ "$(id -u)" -eq 0 ] || { log "needs root (network namespaces)"; exit 1; }
-command -v ip >/dev/null || { log "needs iproute2 ('ip')"; exit 1; }
+if ! command -v ip >/dev/null || ! command -v nsenter >/dev/null || ! command -v unshare >/dev/null; then
+    command -v apt-get >/dev/null || { log "needs iproute2 ('ip') and util-linux ('nsenter', 'unshare')"; exit 1; }
+    log "installing iproute2 util-linux"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 util-linux >/dev/null \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+             iproute2 util-linux >/dev/null; }
+fi
 
 node_ns() { echo "llmd-node$1"; }
 
