@@ -43,3 +43,16 @@ def test_first_host_of_nodelists() -> None:
 def test_rank_seeds_are_distinct_and_pure() -> None:
     seeds = [D.rank_seed(1337, r) for r in range(64)]
     assert len(set(seeds)) == 64 and seeds == [D.rank_seed(1337, r) for r in range(64)]
+
+
+def test_flattened_configs_name_the_keys_that_differ() -> None:
+    a = D.flatten_config({"train": {"batch_size": 8, "lr": 1e-3}, "out_dir": "runs/x", "data": {"files": ["a"]}})
+    b = D.flatten_config({"train": {"batch_size": 4, "lr": 1e-3}, "out_dir": "runs/x", "data": {"files": ["b"]},
+                          "extra": {"k": None}})
+    assert a["train.batch_size"] == "8" and a["data.files"] == '["a"]'
+    assert D.config_differences(a, b) == ["data.files", "extra.k", "train.batch_size"]
+    assert D.config_differences(a, dict(a)) == []
+
+
+def test_same_config_check_is_free_in_one_process() -> None:
+    D.check_same_config({"train": {"batch_size": 8}})  # no process group: nothing to compare with
