@@ -59,6 +59,7 @@ class LaunchEnv:
     master_addr: str | None
     master_port: str | None
     launcher: str  # "torchrun" | "slurm" | "none"
+    local_world_size: int | None = None  # ranks on this node, when the launcher says (HSDP's default mesh)
 
 
 def first_host(nodelist: str) -> str:
@@ -83,8 +84,11 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
         # A port derived from the job id, so two jobs sharing a node don't collide.
         port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        # Ranks on this node: --ntasks-per-node, else the first count of SLURM_TASKS_PER_NODE ("2(x2),1").
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or (re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", "")) or [None])[0]
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                         env.get("MASTER_ADDR") or first_host(nodelist), port, "slurm")
+                         env.get("MASTER_ADDR") or first_host(nodelist), port, "slurm",
+                         int(per_node) if per_node else None)
     return LaunchEnv(0, 0, 1, None, None, "none")
 
 
@@ -153,6 +157,8 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        if env.local_world_size:  # as torchrun sets it: HSDP's default mesh is one replica per node
+            os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))
     if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
             and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and env.rank == 0):
         print("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted workers "

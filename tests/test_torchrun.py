@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 
 from torch.distributed import DistNetworkError
-from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousConnectionError,
+    RendezvousTimeoutError,
+)
 
 from llm_dist.torchrun import rdzv_timeouts, rendezvous_failure
 
