@@ -76,7 +76,7 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
 
 def main(cfg: Config) -> RunResult:
     """Run pretraining; returns the run directory, the last logged metrics and the process exit code."""
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         init_url = None
         if cfg.checkpoint.init_from:  # the source's tokenizer and architecture (HF folder or checkpoint)

@@ -114,7 +114,7 @@ def run_rl(cfg: Config, algo: str) -> RunResult:
         task = get_task(r.task, r.task_level, r.task_seed, r.data_dir)
     except (ValueError, OSError) as e:  # unknown task, missing GSM8K files: one line
         raise ConfigError(f"rl.task: {e}") from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = algo == "ppo"  # PPO's value head shares the policy's backbone
         tok, init_url = setup_chat_model(cfg, r.init_from)
