@@ -42,6 +42,7 @@ from llm_dist.data.index import (
     read_index,
     write_index,
 )
+from llm_dist.data.mixture import MIXTURE_NAME, MixtureSource, source_dir_name, write_mixture
 from llm_dist.data.sources import (
     DataPrepError,
     SourceFile,
@@ -328,6 +329,9 @@ def prepare_dataset(
                             f"{os.cpu_count()} CPUs here), got {num_proc}")
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # before the (maybe slow) tokenizer load and before anything is written
+    if (out_dir / MIXTURE_NAME).exists():
+        raise DataPrepError(f"{out_dir} holds a prepared mixture ({MIXTURE_NAME}); prepare a single corpus into "
+                            "another directory, or remove it")
     spec = tokenizer if isinstance(tokenizer, str) else None
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     srcs = resolve_sources(sources, input_format)
@@ -513,3 +517,42 @@ def ensure_prepared(
     those of `prepare_dataset` (shard_tokens, num_proc, text_field, overwrite, log, ...).
     """
     return prepare_dataset(out_dir, sources, tokenizer, val_fraction, **kwargs)
+
+
+def prepare_mixture(
+    out_dir: str | os.PathLike,
+    sources: Sequence[MixtureSource],
+    tokenizer: Tokenizer | str,
+    val_fraction: float = 0.1,
+    *,
+    text_field: str = "text",
+    use_existing: bool = False,
+    log: Log | None = print,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Prepare each mixture source into `<out_dir>/<NN>-<name>/` and write `<out_dir>/mixture.json`.
+
+    use_existing: the trainer's rule (`use_or_prepare`: a valid prepared sub-directory is used as is); else
+    each source goes through `prepare_dataset` (a no-op when already prepared from the same input).
+    Weights live only in mixture.json, so changing them re-uses every source's shards. Returns mixture.json.
+    `kwargs` are `prepare_dataset`'s (num_proc, shard_tokens, min_split_tokens, ...).
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    if (out_dir / INDEX_NAME).exists():
+        raise DataPrepError(f"{out_dir} holds a single prepared corpus ({INDEX_NAME}), not a mixture; choose another "
+                            "output directory for the mixture")
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    names = []
+    for i, src in enumerate(sources):
+        name = source_dir_name(i, src.path)
+        field = src.text_field or text_field
+        if log:
+            log(f"prepare_data: mixture source {i} ({src.path}, weight {src.weight:g}) -> {out_dir / name}")
+        if use_existing:
+            use_or_prepare(out_dir / name, src.path, tok, val_fraction, text_field=field, log=log,
+                           dir_key=f"mixture source {i}'s directory", source_key=f"mixture source {i}", **kwargs)
+        else:
+            prepare_dataset(out_dir / name, src.path, tok, val_fraction, text_field=field, log=log, **kwargs)
+        names.append(name)
+    return write_mixture(out_dir, names, list(sources))

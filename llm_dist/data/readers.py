@@ -11,6 +11,7 @@ says what to install. Bad input raises `DataPrepError` with one line naming the 
 from __future__ import annotations
 
 import codecs
+import io
 import json
 from typing import Any, Iterator
 
@@ -51,7 +52,8 @@ def _decompressed(raw: Any, codec: str | None, url: str) -> Any:
             raise DataPrepError(f"{url}: reading .zst files needs zstandard: pip install zstandard "
                                 "(or pip install 'llm_dist[data]')") from None
         # read_across_frames: files written by several zstd frames (pzstd, appended chunks) read whole.
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        # Buffered: the zstd reader is a raw stream without readline, which line iteration needs.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), 1 << 20)
     from fsspec.compression import compr
     return compr[codec](raw, mode="rb")
 
