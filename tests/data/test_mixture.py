@@ -156,3 +156,23 @@ def test_a_missing_source_fails_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "m.yaml").write_text("sources:\n  - {path: nope/*.parquet, weight: 1}\n")
     with pytest.raises(DataPrepError, match="no input files match"):
         prepare_mixture(tmp_path / "o", read_mixture_file(tmp_path / "m.yaml"), BYTE, 0.1, log=None)
+
+
+def test_data_mixture_key_prepares_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pretrain's data step with data.mixture set: each source prepared, then the mixture used as is."""
+    from llm_dist.config import load_config
+    from llm_dist.pretrain import prepare_data
+
+    corpus(tmp_path / "a.jsonl", "AAA", 80)
+    corpus(tmp_path / "b.jsonl", "BBB", 80)
+    (tmp_path / "m.yaml").write_text("sources:\n  - {path: a.jsonl, weight: 2}\n  - {path: b.jsonl, weight: 1}\n")
+    cfg = load_config(None, [f"data.mixture={tmp_path / 'm.yaml'}", f"data.dir={tmp_path / 'd'}",
+                             "model.block_size=16", "data.source=/nonexistent"])
+    logs: list[str] = []
+    import llm_dist.distributed as D
+    monkeypatch.setattr(D, "print0", logs.append)
+    data_dir = prepare_data(cfg, BYTE)
+    prepare_data(cfg, BYTE)  # second run: nothing rebuilt
+    assert sum("prepare_data done" in ln for ln in logs) == 2, logs
+    ld = ShardedLoader(data_dir, "train", 16, 8, 8)
+    assert ld.mixture == [2.0, 1.0] and sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir()) == ["00-a", "01-b"]
