@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from llm_dist.cli import tool_main  # noqa: E402 - any USER_ERRORS: one line, exit 2
 from llm_dist.cli_args import ArgumentParser, finite_float, positive_int  # noqa: E402
-from llm_dist.data.errors import DataPrepError  # noqa: E402
 from llm_dist.data.formats import FORMATS, KINDS  # noqa: E402
 from llm_dist.data.mixture import read_mixture_file  # noqa: E402
 from llm_dist.data.prepare import DEFAULT_SHARD_TOKENS, prepare_dataset, prepare_mixture  # noqa: E402
