@@ -6,7 +6,8 @@ Formats read (`FORMATS`):
               what a Hugging Face `datasets` `save_to_disk` folder holds (`data-*.arrow` + `state.json`).
 - jsonl    -- *.jsonl / *.ndjson (also *.json whose first character is "{"), plain or gzip/zstd/bz2/xz
               compressed (compression by magic bytes: 1f8b gzip, 28b52ffd zstd).
-- text     -- anything else that starts as valid UTF-8 with no NUL byte (one file = one document).
+- text     -- *.txt / *.md / *.rst, and anything else that starts as valid UTF-8 with no NUL byte (one
+              file = one document).
 
 Everything else (a CSV, random bytes, a zip, an `hf://` URL) is refused with one line that names these
 formats, so a wrong file fails before anything is written rather than as "not valid UTF-8 at byte 7".
@@ -26,6 +27,8 @@ _SNIFF_BYTES = 1 << 16
 _COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 _COMPRESSION_EXT = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 _JSONL_EXT = (".jsonl", ".ndjson")
+# Named as text: read as text even when the sniff fails, so the reader names the bad byte's offset.
+_TEXT_EXT = (".txt", ".text", ".md", ".rst")
 # Named formats we could be handed but do not read: said by name rather than sniffed as "text".
 _REFUSED_EXT = {".csv": "CSV", ".tsv": "TSV", ".zip": "zip", ".tar": "tar", ".tgz": "tar", ".pdf": "PDF",
                 ".xlsx": "Excel", ".feather": "Feather", ".orc": "ORC", ".avro": "Avro", ".pkl": "pickle",
@@ -105,6 +108,8 @@ def detect_kind(url: str, head: bytes, size: int | None, decompressed: bytes | N
     if ext in _REFUSED_EXT:
         raise unsupported(url, f"{_REFUSED_EXT[ext]} files are not read")
     body = decompressed if codec else head
+    if ext in _TEXT_EXT:
+        return "text"
     complete = size is not None and size <= len(head) and not codec
     if body is None or not _looks_like_text(body, complete):
         what = f"{codec}-compressed data that is not UTF-8 text" if codec else "binary data of unknown format"
