@@ -8,7 +8,9 @@ data/ and /work/shared/data when present) into ~3 KB documents (FineWeb-Edu's ty
 distinct header line, written once as parquet (a `text` column, 10,000-row row groups, snappy) and as
 JSONL under --work-dir (a temp dir by default; removed afterwards). Each run is one `prepare_dataset`
 call end to end (read, tokenize, write shards) into a fresh output directory; tokens/s counts every token
-written. The JSONL run at each process count is the baseline of the parquet run next to it.
+written. The JSONL run at each process count is the baseline of the parquet run next to it. CPU seconds
+(this process + its tokenizer workers, from getrusage) are reported too: on a machine shared with other
+jobs, tokens per CPU-second is the figure that does not depend on how much of the CPUs the run was given.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -75,11 +78,19 @@ def write_corpus(work: Path, size_bytes: int) -> tuple[Path, Path, int]:
 
 def run_one(src: Path, out: Path, tokenizer: str, num_proc: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+
+    def cpu() -> tuple[float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime  # workers count once joined
+
+    (m0, k0), t0 = cpu(), time.perf_counter()
     index = prepare_dataset(out, str(src), tokenizer, 0.005, num_proc=num_proc, log=None)
     dt = time.perf_counter() - t0
+    m1, k1 = cpu()
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": dt, "tokens": index["total_tokens"], "tokens_per_s": index["total_tokens"] / dt}
+    n = index["total_tokens"]
+    return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt, "main_cpu_s": m1 - m0, "worker_cpu_s": k1 - k0,
+            "tokens_per_cpu_s": n / max(m1 - m0 + k1 - k0, 1e-9)}
 
 
 def main() -> int:
@@ -109,25 +120,28 @@ def main() -> int:
                 r = run_one(src, work / "out", args.tokenizer, p)
                 rows.append({"format": fmt, "num_proc": p, **r})
                 print(f"  {fmt:8s} num_proc={p}: {r['tokens']:,} tokens in {r['seconds']:.1f}s = "
-                      f"{r['tokens_per_s'] / 1e6:.2f}M tokens/s", flush=True)
+                      f"{r['tokens_per_s'] / 1e6:.2f}M tokens/s; CPU main {r['main_cpu_s']:.1f}s + workers "
+                      f"{r['worker_cpu_s']:.1f}s", flush=True)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
     base = {r["num_proc"]: r["tokens_per_s"] for r in rows if r["format"] == "jsonl"}
     one = {r["format"]: r["tokens_per_s"] for r in rows if r["num_proc"] == args.procs[0]}
-    print(f"\n| format | processes | tokens | seconds | M tokens/s | vs JSONL (same procs) | vs {args.procs[0]} proc |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| format | processes | tokens | seconds | M tokens/s | vs JSONL (same procs) | vs {args.procs[0]} proc "
+          "| CPU s (main + workers) | M tokens/CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["vs_jsonl"] = r["tokens_per_s"] / base[r["num_proc"]]
         r["vs_first_procs"] = r["tokens_per_s"] / one[r["format"]]
         print(f"| {r['format']} | {r['num_proc']} | {r['tokens']:,} | {r['seconds']:.1f} | "
-              f"{r['tokens_per_s'] / 1e6:.2f} | {r['vs_jsonl']:.2f} | {r['vs_first_procs']:.2f} |")
+              f"{r['tokens_per_s'] / 1e6:.2f} | {r['vs_jsonl']:.2f} | {r['vs_first_procs']:.2f} | "
+              f"{r['main_cpu_s']:.0f} + {r['worker_cpu_s']:.0f} | {r['tokens_per_cpu_s'] / 1e6:.2f} |")
     result = {
         "benchmark": "bench_prepare", "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "pyarrow": pyarrow.__version__},
-        "tokenizer": args.tokenizer, "documents": n_docs, **sizes, "rows": rows,
+        "load_average_after": os.getloadavg(), "tokenizer": args.tokenizer, "documents": n_docs, **sizes, "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
