@@ -485,7 +485,7 @@ def _recipe_note(index: dict, sources: str | Sequence[str], val_fraction: float,
     if recipe.get("val_fraction") is not None and float(recipe["val_fraction"]) != float(val_fraction):
         notes.append(f"it was split with val_fraction {recipe['val_fraction']}, not {val_fraction}")
     try:
-        srcs = resolve_sources(sources, input_format)
+        srcs = resolve_sources(sources, input_format, detect=False)  # sizes only: no file is opened
     except DataPrepError:
         srcs = None  # the source is gone: nothing to compare, and nothing needed
     if srcs is not None and "sources" in recipe:

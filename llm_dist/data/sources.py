@@ -67,9 +67,11 @@ def _mtime(info: dict) -> str | None:
     return None
 
 
-def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") -> list[SourceFile]:
+def resolve_sources(sources: str | Sequence[str], input_format: str = "auto", detect: bool = True
+                    ) -> list[SourceFile]:
     """Expand globs (sorted, so the order is reproducible), stat every file and pick its reader; errors
-    name the culprit. `input_format` "auto" detects each file's kind; a kind name forces it."""
+    name the culprit. `input_format` "auto" detects each file's kind; a kind name forces it.
+    `detect=False` only stats (kind "unknown"): for comparing sizes without reading every file's head."""
     forced = forced_kind(input_format)
     specs = [sources] if isinstance(sources, str) else list(sources)
     if not specs:
@@ -79,7 +81,7 @@ def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") ->
         spec = str(spec)
         refuse_url_scheme(spec)
         try:
-            out.extend(_resolve_one(spec, forced))
+            out.extend(_resolve_one(spec, forced, detect))
         except DataPrepError:
             raise
         except Exception as e:  # no backend for the URL (s3fs...), bad URL, I/O or network error
@@ -88,7 +90,7 @@ def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") ->
     return out
 
 
-def _resolve_one(spec: str, forced: str | None) -> list[SourceFile]:
+def _resolve_one(spec: str, forced: str | None, detect: bool) -> list[SourceFile]:
     fs, path = url_to_fs(spec)
     if _has_magic(path):
         paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
@@ -104,7 +106,7 @@ def _resolve_one(spec: str, forced: str | None) -> list[SourceFile]:
         info = fs.info(p)
         url = p if local else fs.unstrip_protocol(p)
         size = info.get("size")
-        kind, codec = _kind_of(url, size, forced)
+        kind, codec = _kind_of(url, size, forced) if detect else ("unknown", None)
         out.append(SourceFile(url=url, kind=kind, size=size, mtime=_mtime(info), codec=codec))
     return out
 
