@@ -95,7 +95,8 @@ class DataConfig:
 
     dir: str = "data/prepared/shakespeare_byte"  # prepared shards + index.json
     source: str = "data/tinyshakespeare/input.txt"  # text/glob/fsspec URL/JSONL prepared into `dir` when it has no index
-    text_field: str = "text"  # the field holding the text in JSONL sources
+    text_field: str = "text"  # the field holding the text in JSONL sources / the column in parquet and Arrow ones
+    mixture: str = ""  # YAML file of {path, weight[, text_field]} sources drawn in proportion to weight; replaces data.source when set
     val_fraction: float = 0.1  # fraction of the source held out for validation
     shuffle: bool = True  # shuffle training samples (per epoch, seeded)
     num_proc: int = 1  # processes for on-the-fly preparation
