@@ -180,6 +180,10 @@ def model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, traina
     """{"model": ..., "optim": ...} keyed by bare parameter names; DTensors stay sharded (no gather).
     `trainable_only`: only parameters with requires_grad (a LoRA run's adapters), not the frozen base."""
     msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only))
+    if trainable_only:  # ignore_frozen_params keeps a frozen tied alias (lm_head.weight = tok_emb.weight): drop it
+        keep = {n.replace("._checkpoint_wrapped_module", "")
+                for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in keep}
     return {"model": msd, "optim": osd}
 
 
