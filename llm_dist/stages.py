@@ -447,6 +447,14 @@ def _hf_weights(model: torch.nn.Module, folder: str) -> tuple[ModelConfig, dict[
         raise ConfigError(f"init_from {folder}: {e}") from None
 
 
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _total(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int, keep_trainable: bool = False,
                          quiet: bool = False) -> None:
     """Initialise a built (maybe sharded) model with a checkpoint's (or an HF folder's) weights, growing its
@@ -486,4 +494,4 @@ def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int, keep_
     if not quiet:
         D.print0(f"initialised from {url} (vocabulary {old_cfg.vocab_size} -> {new_vocab} ids; new rows = mean row"
                  f"{'; scalar head freshly initialised' if fresh_head else ''}"
-                 f"{f'; frozen base of {len(adapters) // 2} LoRA-adapted layers' if adapters else ''})")
+                 f"{f'; frozen base, LoRA on {len(adapters) // 2} layers: {_trainable(model):,} of {_total(model):,} parameters train' if adapters else ''})")
