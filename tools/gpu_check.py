@@ -173,7 +173,7 @@ def speed_plan(a: argparse.Namespace, out: Path) -> list[Step]:
                       check=config_parses(pargs)))
     bl = [PY, "tools/bench_lora.py", "--ranks", "8,64", "--batch", "8", "--seq", "1024", "--dtype", "bf16",
           "--compile", "--steps", "10", "--warmup", "3", "--out", str(out / "bench_lora.json"),
-          "model.n_layer=12", "model.n_embd=768", "model.n_head=12"]  # GPT-2 124M: LoRA vs full fine-tuning
+          "model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.vocab_size=50304"]  # GPT-2 124M
 
     def lora_rows(_stdout: str, _out: Path) -> dict[str, Any]:
         rows = json.loads((out / "bench_lora.json").read_text())["rows"]
