@@ -22,26 +22,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 
+import fsspec
 import torch
 
 from llm_dist.checkpoint import read_config_dict, verify
-from llm_dist.checkpoint.manager import _fs, load_checkpoint_weights, read_json
+from llm_dist.checkpoint.manager import load_checkpoint_weights, read_json
 from llm_dist.checkpoint.sharded import CheckpointReadError
 from llm_dist.config import Config, LoRAConfig, apply_dict
 
 
 def fingerprint(url: str) -> str:
     """sha256 (16 hex digits) of a checkpoint's meta.json: its files, sizes, checksums and write time."""
-    fs, root = _fs(url)
+    fs, root = fsspec.core.url_to_fs(url)
     try:
-        return hashlib.sha256(fs.cat_file(f"{root}/meta.json")).hexdigest()[:16]
+        return hashlib.sha256(fs.cat_file(f"{root.rstrip('/')}/meta.json")).hexdigest()[:16]
     except FileNotFoundError:
         raise CheckpointReadError(f"checkpoint {url}: no meta.json") from None
 
 
 def base_reference(url: str) -> dict:
-    """What a LoRA run's checkpoints record about their base checkpoint `url`."""
+    """What a LoRA run's checkpoints record about their base checkpoint `url` (a local path made absolute, so
+    a resume from another directory finds it)."""
+    if "://" not in url:
+        url = os.path.abspath(url)
     return {"url": url, "fingerprint": fingerprint(url)}
 
 
