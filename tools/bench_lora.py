@@ -118,19 +118,28 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ranks(text: str) -> list[int]:
+    from llm_dist.cli_args import positive_int
+
+    return [positive_int(r) for r in text.split(",")]
+
+
+_ranks.__name__ = "comma-separated positive integers"  # what argparse's one-line error says was expected
+
+
 def main(argv: list[str] | None = None) -> int:
-    from llm_dist.cli_args import ArgumentParser
+    from llm_dist.cli_args import ArgumentParser, nonnegative_int, positive_int
     from llm_dist.distributed import runtime
 
     ap = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="\n".join(__doc__.split("\n")[2:]))
-    ap.add_argument("--ranks", default="8", help="comma-separated LoRA ranks to compare with full fine-tuning")
+    ap.add_argument("--ranks", type=_ranks, default=[8], help="comma-separated LoRA ranks to compare with full fine-tuning")
     ap.add_argument("--targets", default="wq,wk,wv,wo;wq,wk,wv,wo,up,down",
                     help="semicolon-separated target sets (model.lora.targets values)")
-    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
-    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (model.block_size)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, lazy init)")
+    ap.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
+    ap.add_argument("--seq", type=positive_int, default=256, help="tokens per sequence (model.block_size)")
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed steps per variant")
+    ap.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (compilation, lazy init)")
     ap.add_argument("--dtype", default="auto", help="train.dtype (auto: bf16 on a GPU that has it, else fp32)")
     ap.add_argument("--compile", action="store_true", help="train.compile=true for every variant")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for every variant (the model)")
     a = ap.parse_args(argv)
     variants = [["model.lora.rank=0"]] + [[f"model.lora.rank={r}", f"model.lora.targets={t}", "model.lora.alpha=16"]
-                                          for r in a.ranks.split(",") for t in a.targets.split(";")]
+                                          for r in a.ranks for t in a.targets.split(";")]
     with runtime(a.device) as rt:
         rows = [measure(v, a, rt) for v in variants]
         device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
@@ -156,4 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from llm_dist.cli import tool_main  # a bad override or config: one line, exit 2
+
+    sys.exit(tool_main(main))
