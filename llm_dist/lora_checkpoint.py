@@ -7,8 +7,9 @@ adds
     "lora_base": {"url": <the init_from checkpoint>, "fingerprint": <sha256 of that checkpoint's meta.json>}
 
 meta.json lists every file of a checkpoint with its size and checksums, plus the time it was written, so its
-digest names one exact write of the base: a base that was deleted, overwritten or re-saved is refused (one
-line, exit 2) rather than silently combined with adapters trained on other weights. Loading a LoRA
+digest names one exact write of the base (a Hugging Face folder base: its config.json and weight file
+sizes): a base that was deleted, overwritten or re-saved is refused (one line, exit 2) rather than silently
+combined with adapters trained on other weights. Loading a LoRA
 checkpoint (resume, sample, reward model, init_from) loads the base the way `init_from` did (vocabulary
 grown for the chat tokens), then the adapters. A base may itself be a LoRA checkpoint: it is loaded
 (recursively) and merged first.
@@ -23,18 +24,35 @@ import dataclasses
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import fsspec
 import torch
 
 from llm_dist.checkpoint import read_config_dict, verify
-from llm_dist.checkpoint.manager import load_checkpoint_weights, read_json
+from llm_dist.checkpoint.manager import load_checkpoint_weights, read_json, tokenizer_record_name
 from llm_dist.checkpoint.sharded import CheckpointReadError
 from llm_dist.config import Config, LoRAConfig, apply_dict
 
 
+def _hf_folder(url: str) -> str | None:
+    """The folder of a Hugging Face model base (`init_from=<HF folder>`), else None."""
+    from llm_dist.hub.imports import resolve_hf_dir
+
+    folder = resolve_hf_dir(url) if "://" not in url else None
+    return str(folder) if folder is not None else None
+
+
 def fingerprint(url: str) -> str:
-    """sha256 (16 hex digits) of a checkpoint's meta.json: its files, sizes, checksums and write time."""
+    """sha256 (16 hex digits) of a checkpoint's meta.json: its files, sizes, checksums and write time. For a
+    Hugging Face folder: of its config.json and the names and sizes of its weight files."""
+    folder = _hf_folder(url)
+    if folder is not None:
+        h = hashlib.sha256(Path(folder, "config.json").read_bytes())
+        for name in sorted(os.listdir(folder)):
+            if name.endswith((".safetensors", ".bin")):
+                h.update(f"{name}:{os.path.getsize(os.path.join(folder, name))}".encode())
+        return h.hexdigest()[:16]
     fs, root = fsspec.core.url_to_fs(url)
     try:
         return hashlib.sha256(fs.cat_file(f"{root.rstrip('/')}/meta.json")).hexdigest()[:16]
@@ -63,7 +81,7 @@ def check_base(ref: dict, by: str) -> str:
     """The base checkpoint URL of `ref` (recorded by checkpoint `by`), after checking it is still the same
     complete checkpoint; else a one-line CheckpointReadError naming both."""
     url = ref["url"]
-    problem = verify(url)
+    problem = None if _hf_folder(url) is not None else verify(url)
     if problem is not None:
         raise CheckpointReadError(f"checkpoint {by} holds LoRA adapters of the base {url}, which is unusable "
                                   f"({problem}); restore it there: a LoRA checkpoint stores only the adapters")
@@ -118,7 +136,7 @@ def merge_lora_checkpoint(path: str, out: str, dtype: torch.dtype | None = None)
     model, cfg = merged_model(url)
     meta = read_json(url, "meta.json")
     extra = {"source": url, "step": str(meta.get("step", "")), "tokens_seen": str(meta.get("tokens_seen", "")),
-             "tokenizer": read_json(url, "tokenizer.json"), "merged_lora": json.dumps(base)}
+             "tokenizer": read_json(url, tokenizer_record_name(url)), "merged_lora": json.dumps(base)}
     summary = save_safetensors(model.state_dict(), out, cfg.to_dict(), extra, dtype)
     return {**summary, "source": url, "base": base["url"]}
 
