@@ -81,6 +81,9 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
 
 def main(cfg: Config) -> RunResult:
     """Run pretraining; returns the run directory, the last logged metrics and the process exit code."""
+    if cfg.model.lora.rank:
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: LoRA is for fine-tuning stages (sft, reward, ppo, "
+                          "grpo) that start from a pretrained init_from checkpoint; pretraining trains every weight")
     with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         init_url = None

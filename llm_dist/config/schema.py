@@ -49,6 +49,16 @@ class RopeScalingConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA) for fine-tuning stages: base weights frozen, only W + (alpha/rank) B A trained."""
+
+    rank: int = 0  # adapter rank r; 0 = LoRA off (full fine-tuning). Needs the stage's init_from (the frozen base)
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter branch's input
+    targets: str = "wq,wk,wv,wo"  # comma-separated layers adapted in every block: wq, wk, wv, wo (attention), up, gate, down (dense MLP; gate: swiglu only)
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only transformer shape and architecture choices."""
 
@@ -80,6 +90,7 @@ class ModelConfig:
     score_head: bool = False  # add a scalar head (reward-model score / PPO value) beside the LM head; set by those stages
     attn: AttnConfig = field(default_factory=AttnConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist import distributed as D
-from llm_dist.config import Config, ConfigError
+from llm_dist.config import Config, ConfigError, LoRAConfig
 from llm_dist.distributed import world_size_from_env
 from llm_dist.model.transformer import build_model, model_summary
 from llm_dist.parallel import build_parallel_model
@@ -61,7 +61,8 @@ class RLTrainer(Trainer):
 def build_reference(cfg: Config, url: str | None, device: torch.device) -> nn.Module:
     """The frozen reference policy (bare, unsharded, eval mode, no gradients): the init checkpoint's weights,
     or, without one, the same seeded initialisation the policy got (so it is the initial policy either way)."""
-    mcfg = dataclasses.replace(cfg.model, score_head=False)  # the value head is not part of the policy
+    # The value head is not part of the policy; nor are LoRA adapters (zero at the start: the reference is the base).
+    mcfg = dataclasses.replace(cfg.model, score_head=False, lora=LoRAConfig())
     if url is None:
         ref = build_model(mcfg, "cpu", seed=cfg.train.seed)
     else:
