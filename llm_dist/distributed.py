@@ -4,20 +4,26 @@ Reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PO
 started by `srun` directly, SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the master address from
 SLURM_JOB_NODELIST). With neither, it is one process with no process group, so every module runs in a
 plain test. NCCL on CUDA, gloo on CPU. `runtime(...)` is a context manager that always destroys the process
-group on the way out, whether training finished, raised or was interrupted.
+group on the way out, whether training finished, raised or was interrupted. Given the run's resolved
+config, it first checks that every rank was started with the same one (`check_same_config`): nodes of a
+multi-node job are started separately, and one started with other overrides would otherwise train silently
+on another batch size or learning rate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import os
 import random
 import re
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +59,7 @@ class LaunchEnv:
     master_addr: str | None
     master_port: str | None
     launcher: str  # "torchrun" | "slurm" | "none"
+    local_world_size: int | None = None  # ranks on this node, when the launcher says (HSDP's default mesh)
 
 
 def first_host(nodelist: str) -> str:
@@ -77,8 +84,11 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
         # A port derived from the job id, so two jobs sharing a node don't collide.
         port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        # Ranks on this node: --ntasks-per-node, else the first count of SLURM_TASKS_PER_NODE ("2(x2),1").
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or (re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", "")) or [None])[0]
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                         env.get("MASTER_ADDR") or first_host(nodelist), port, "slurm")
+                         env.get("MASTER_ADDR") or first_host(nodelist), port, "slurm",
+                         int(per_node) if per_node else None)
     return LaunchEnv(0, 0, 1, None, None, "none")
 
 
@@ -197,6 +207,8 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: int = 1
         os.environ.setdefault("RANK", str(env.rank))
         os.environ.setdefault("WORLD_SIZE", str(env.world_size))
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        if env.local_world_size:  # as torchrun sets it: HSDP's default mesh is one replica per node
+            os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))
     if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
             and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and env.rank == 0):
         print("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted workers "
@@ -224,12 +236,64 @@ def shutdown(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"train.batch_size": "8", ...} (values as JSON text, comparable across ranks)."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value, sort_keys=True, default=str)
+    return flat
+
+
+def config_differences(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
+    """Dotted keys whose values differ between two flattened configs (or that only one has), sorted."""
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def check_same_config(config: Mapping[str, Any]) -> None:
+    """Refuse to train when the ranks were started with different resolved configs.
+
+    Each node of a multi-node job parses its own command line; a node started with another override (say
+    `train.batch_size`) would otherwise join the process group and train on another schedule. Every rank
+    all-gathers a SHA-256 of its flattened config (a few bytes); only when they differ are the flattened
+    configs gathered, to name the differing keys. Raises ConfigError (one line, exit 2) on every rank.
+    """
+    if get_world_size() == 1:
+        return
+    flat = flatten_config(config)
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+    digests: list[str | None] = [None] * get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    configs: list[dict[str, str] | None] = [None] * get_world_size()
+    dist.all_gather_object(configs, flat)
+    other = next(r for r, d in enumerate(digests) if d != digests[0])
+    keys = config_differences(configs[0], configs[other])
+    shown = ", ".join(f"{k}={configs[0].get(k, '(unset)')} on rank 0 but {configs[other].get(k, '(unset)')} on "
+                      f"rank {other}" for k in keys[:3])
+    more = f" (and {len(keys) - 3} more key(s))" if len(keys) > 3 else ""
+    from llm_dist.config import (
+        ConfigError,  # the config layer does not import this module: no cycle
+    )
+
+    raise ConfigError(f"the ranks were started with different configs: {shown}{more}; start every node with the "
+                      "same config file and overrides")
+
+
 @contextlib.contextmanager
-def runtime(device: str = "auto", backend: str = "auto", cpu_threads: int = 0) -> Iterator[Runtime]:
-    """`with runtime() as rt:` — the process group is destroyed on every exit path."""
+def runtime(device: str = "auto", backend: str = "auto", cpu_threads: int = 0,
+            config: Mapping[str, Any] | None = None) -> Iterator[Runtime]:
+    """`with runtime() as rt:` — the process group is destroyed on every exit path. With `config` (the
+    resolved config as a dict), every rank checks first that all ranks were started with the same one."""
     rt = init_runtime(device, backend, cpu_threads=cpu_threads)
     clean = False
     try:
+        if config is not None:
+            check_same_config(config)
         yield rt
         clean = True
     finally:

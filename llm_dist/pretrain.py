@@ -16,7 +16,8 @@ import torch
 from llm_dist import distributed as D
 from llm_dist.config import Config, ConfigError
 from llm_dist.data.loader import ShardedLoader
-from llm_dist.data.prepare import use_or_prepare
+from llm_dist.data.mixture import read_mixture_file
+from llm_dist.data.prepare import prepare_mixture, use_or_prepare
 from llm_dist.eval import MCExample, evaluate_lm, evaluate_mc, load_mc, token_byte_lengths
 from llm_dist.eval.multiple_choice import MCFormatError
 from llm_dist.model.generate import generate
@@ -37,11 +38,15 @@ def prepare_data(cfg: Config, tok: Tokenizer) -> str:
     """
     data_dir = resolve_path(cfg.data.dir)
     if D.is_main():
-        use_or_prepare(data_dir, resolve_path(cfg.data.source), tok, cfg.data.val_fraction,
-                       text_field=cfg.data.text_field, num_proc=cfg.data.num_proc, log=D.print0,
-                       min_split_tokens=cfg.model.block_size + 1,
-                       min_tokens_hint=f"use a larger data.source or a smaller model.block_size "
-                                       f"(now {cfg.model.block_size})")
+        common = dict(text_field=cfg.data.text_field, num_proc=cfg.data.num_proc, log=D.print0,
+                      min_split_tokens=cfg.model.block_size + 1,
+                      min_tokens_hint=f"use a larger data.source or a smaller model.block_size "
+                                      f"(now {cfg.model.block_size})")
+        if cfg.data.mixture:  # each source to its own sub-directory; mixture.json holds the weights
+            prepare_mixture(data_dir, read_mixture_file(resolve_path(cfg.data.mixture)), tok, cfg.data.val_fraction,
+                            use_existing=True, **common)
+        else:
+            use_or_prepare(data_dir, resolve_path(cfg.data.source), tok, cfg.data.val_fraction, **common)
     D.barrier()
     return data_dir
 
@@ -76,7 +81,10 @@ def make_sampler(model: Transformer, tok: Tokenizer, cfg: Config, device: torch.
 
 def main(cfg: Config) -> RunResult:
     """Run pretraining; returns the run directory, the last logged metrics and the process exit code."""
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
+    if cfg.model.lora.rank:
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: LoRA is for fine-tuning stages (sft, reward, ppo, "
+                          "grpo) that start from a pretrained init_from checkpoint; pretraining trains every weight")
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         init_url = None
         if cfg.checkpoint.init_from:  # the source's tokenizer and architecture (HF folder or checkpoint)

@@ -12,11 +12,11 @@ import torch
 
 from llm_dist.checkpoint import load_checkpoint_tokenizer, read_config_dict
 from llm_dist.checkpoint import resolve_checkpoint as find_checkpoint
-from llm_dist.checkpoint.manager import load_checkpoint_weights
 from llm_dist.cli import USER_ERRORS, check_device
 from llm_dist.cli_args import ArgumentParser, finite_float, nonnegative_int, one_line, positive_int
 from llm_dist.config import Config, ConfigError, apply_dict
 from llm_dist.distributed import pick_device
+from llm_dist.lora_checkpoint import load_weights
 from llm_dist.model.generate import generate
 from llm_dist.model.transformer import Transformer, build_model
 from llm_dist.sft.chat_format import chat_format
@@ -37,7 +37,7 @@ def load_model(path: str, device: torch.device | str = "cpu") -> tuple[Transform
     cfg = Config()
     apply_dict(cfg, read_config_dict(url))
     model = build_model(cfg.model, device)
-    load_checkpoint_weights(model, url)
+    load_weights(model, url)  # a LoRA checkpoint: its recorded base, then the adapters
     model.eval()
     return model, load_checkpoint_tokenizer(url), cfg
 

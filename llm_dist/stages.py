@@ -154,7 +154,8 @@ def _try_load(cfg: Config, trainer: Trainer, url: str, tokenizer: Tokenizer | No
         if saved.fingerprint() != tokenizer.fingerprint():
             raise ConfigError(f"checkpoint {url} was trained with tokenizer {saved.name!r} ({saved.fingerprint()}), "
                               f"this run uses {tokenizer.name!r} ({tokenizer.fingerprint()})")
-    ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer, checksums=cfg.checkpoint.checksums)
+    ck = load_checkpoint(url, trainer.raw_model, trainer.optimizer, checksums=cfg.checkpoint.checksums,
+                         trainable_only=cfg.model.lora.rank > 0)  # LoRA: adapters (+ their optimizer state) only
     try:
         trainer.load_train_state(ck["train_state"])
         if load_extra is not None:
@@ -214,7 +215,18 @@ def open_checkpoints(cfg: Config, trainer: Trainer, out_dir: Path, load_extra: C
     ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last_k, async_save=cfg.checkpoint.async_save,
                              checksums=cfg.checkpoint.checksums)
     resumed = resume_run(cfg, trainer, ckpt_dir, D.get_rank(), D.get_world_size(), load_extra, tokenizer)
-    if resumed is None and init_url is not None:
+    if cfg.model.lora.rank:
+        # LoRA: the checkpoint held only the adapters; the frozen base comes from the checkpoint it names
+        # (checked unchanged), or on a fresh start from init_from, which the run's checkpoints will name.
+        from llm_dist.lora_checkpoint import base_reference, check_base, lora_base_of
+
+        ref = lora_base_of(resumed) if resumed is not None else base_reference(init_url)
+        if ref is None:
+            raise CheckpointReadError(f"checkpoint {resumed}: model.lora is on but its meta.json names no lora_base")
+        base = check_base(ref, resumed) if resumed is not None else init_url
+        init_from_checkpoint(trainer.raw_model, base, cfg.model.vocab_size, keep_trainable=resumed is not None)
+        trainer.lora_base = ref
+    elif resumed is None and init_url is not None:
         init_from_checkpoint(trainer.raw_model, init_url, cfg.model.vocab_size)
     trainer.pre_step_hooks.append(ckpt.wait_staged)  # an async save's CPU copy must finish before params change
     return ckpt, resumed
@@ -253,7 +265,8 @@ def checkpoint_saver(ckpt: CheckpointManager, trainer: Trainer, cfg: Config, tok
     position: {"loader": ...} or {"rollout": ...}), the resolved config and the tokenizer."""
 
     def save() -> None:
-        meta = {"tokens_seen": trainer.state.tokens_seen, "strategy": strategy, **({"stage": stage} if stage else {})}
+        meta = {"tokens_seen": trainer.state.tokens_seen, "strategy": strategy, **({"stage": stage} if stage else {}),
+                **({"lora_base": trainer.lora_base} if trainer.lora_base else {})}  # LoRA: the frozen base's reference
         ckpt.save(trainer.state.step, trainer.model_optim_state(), {**trainer.train_state(), **data_state()},
                   cfg.to_yaml(), tok, tok_name, meta=meta)
 
@@ -348,6 +361,9 @@ def setup_chat_model(cfg: Config, init_from: str, *, switch_format: bool = False
     from llm_dist.sft.chat import add_chat_tokens
     from llm_dist.sft.chat_format import chat_format
 
+    if cfg.model.lora.rank and not init_from:
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: LoRA trains adapters on a frozen pretrained "
+                          "model; set the stage's init_from (sft/reward/rl.init_from) to its checkpoint")
     fmt = chat_format(cfg.chat.template)
     if not init_from:
         tok = add_chat_tokens(build_tokenizer(cfg), fmt)
@@ -358,6 +374,7 @@ def setup_chat_model(cfg: Config, init_from: str, *, switch_format: bool = False
         check_chat_format(url, base, fmt.name, "init_from", switch_ok=switch_format)
     tok = add_chat_tokens(base, fmt)
     saved.vocab_size = max(saved.vocab_size, tok.vocab_size)
+    saved.lora = cfg.model.lora  # the stage decides LoRA (the init checkpoint's own adapters, if any, are merged in)
     cfg.model = saved
     return tok, url
 
@@ -430,23 +447,37 @@ def _hf_weights(model: torch.nn.Module, folder: str) -> tuple[ModelConfig, dict[
         raise ConfigError(f"init_from {folder}: {e}") from None
 
 
-def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> None:
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _total(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int, keep_trainable: bool = False,
+                         quiet: bool = False) -> None:
     """Initialise a built (maybe sharded) model with a checkpoint's (or an HF folder's) weights, growing its
     vocabulary.
 
     Every rank reads the full weights into CPU memory (collective under a process group), resizes them,
-    and loads them with `set_model_state_dict`, which shards them under FSDP.
+    and loads them with `set_model_state_dict`, which shards them under FSDP. A LoRA target model keeps its
+    adapters (they are not in `url`); a LoRA checkpoint `url` is loaded with its base and merged first.
+    `keep_trainable`: leave the parameters that train untouched (resuming a LoRA run: they were just loaded).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from llm_dist.checkpoint.manager import load_checkpoint_weights
     from llm_dist.model.transformer import build_model, padded_vocab_size
+
+    from llm_dist.lora_checkpoint import load_weights
+    from llm_dist.model.lora import merge_lora_, trainable_names
 
     old_cfg, sd = _hf_weights(model, url) if _is_hf(url) else (checkpoint_model_config(url), None)
     if sd is None:
         src = build_model(old_cfg, "cpu")
-        load_checkpoint_weights(src, url)
-        sd = src.state_dict()
+        load_weights(src, url)  # a LoRA checkpoint: its base, then its adapters
+        sd = merge_lora_(src).state_dict()  # adapters folded in (nothing to do for a full checkpoint)
+    adapters = [k for k in trainable_names(model) if ".lora_" in k]
     if new_vocab != old_cfg.vocab_size:
         resize_vocab_rows(sd, old_cfg.vocab_size, new_vocab, padded_vocab_size(new_vocab, old_cfg.vocab_multiple))
     # The scalar head (reward score / PPO value) may exist on one side only: a new head keeps its fresh
@@ -455,6 +486,12 @@ def init_from_checkpoint(model: torch.nn.Module, url: str, new_vocab: int) -> No
     for k in [k for k in sd if k.startswith("score_head.") and not has_head]:
         del sd[k]
     fresh_head = has_head and "score_head.weight" not in sd
-    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=not fresh_head))
-    D.print0(f"initialised from {url} (vocabulary {old_cfg.vocab_size} -> {new_vocab} ids; new rows = mean row"
-             f"{'; scalar head freshly initialised' if fresh_head else ''})")
+    if keep_trainable:
+        for k in trainable_names(model):
+            sd.pop(k, None)
+    strict = not (fresh_head or adapters or keep_trainable)
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+    if not quiet:
+        D.print0(f"initialised from {url} (vocabulary {old_cfg.vocab_size} -> {new_vocab} ids; new rows = mean row"
+                 f"{'; scalar head freshly initialised' if fresh_head else ''}"
+                 f"{f'; frozen base, LoRA on {len(adapters) // 2} layers: {_trainable(model):,} of {_total(model):,} parameters train' if adapters else ''})")

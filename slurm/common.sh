@@ -10,6 +10,9 @@
 #   OUT_DIR         run directory (default runs/<job name>-<job id>): a requeued job has the same id, so it
 #                   finds its checkpoints; set it to continue an earlier job's run from a new job
 #   RDZV_PORT       torchrun's rendezvous port on the first node (default 20000 + job id % 20000)
+#   RDZV_READ_TIMEOUT  seconds a node tries to reach the rendezvous store on the first node before it fails
+#                   with one line naming the endpoint (default 60; torchrun's --rdzv-conf read_timeout)
+#   RDZV_JOIN_TIMEOUT  seconds the rendezvous waits for every node to join (default 600; join_timeout)
 #   MAX_RESTARTS    torchrun --max-restarts after a crashed worker (default 0; see slurm/README.md)
 #   PYTHON          interpreter (default python3)
 #
@@ -49,9 +52,11 @@ slurm_build_cmd() {
             SLURM_CMD=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-$cpus_node}"
                 --kill-on-bad-exit=1
                 bash -c 'trap "" USR1; exec "$@"' llm_dist-task  # torchrun survives SIGUSR1; see the header
-                "$py" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc"
+                # llm_dist.torchrun is torchrun with an unreachable rendezvous reported as one line.
+                "$py" -m llm_dist.torchrun --nnodes="$nnodes" --nproc_per_node="$nproc"
                 --rdzv-backend=c10d --rdzv-endpoint="$(slurm_first_host):${RDZV_PORT:-$(slurm_port)}"
                 --rdzv-id="$SLURM_JOB_ID" --max-restarts="${MAX_RESTARTS:-0}"
+                --rdzv-conf="read_timeout=${RDZV_READ_TIMEOUT:-60},join_timeout=${RDZV_JOIN_TIMEOUT:-600}"
                 "$script" "${stage_args[@]}")
             ;;
         srun)
@@ -121,6 +126,7 @@ slurm_main() {
     local nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$nproc} / nproc > 0 ? ${SLURM_CPUS_ON_NODE:-$nproc} / nproc : 1 ))}
     export PYTHONUNBUFFERED=1
+    export PYTHONPATH=$LLM_DIST_ROOT${PYTHONPATH:+:$PYTHONPATH}  # for python -m llm_dist.torchrun
 
     slurm_build_cmd "$stage" "$config" "$@" || return $?
     echo "slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \

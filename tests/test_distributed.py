@@ -43,3 +43,25 @@ def test_first_host_of_nodelists() -> None:
 def test_rank_seeds_are_distinct_and_pure() -> None:
     seeds = [D.rank_seed(1337, r) for r in range(64)]
     assert len(set(seeds)) == 64 and seeds == [D.rank_seed(1337, r) for r in range(64)]
+
+
+def test_flattened_configs_name_the_keys_that_differ() -> None:
+    a = D.flatten_config({"train": {"batch_size": 8, "lr": 1e-3}, "out_dir": "runs/x", "data": {"files": ["a"]}})
+    b = D.flatten_config({"train": {"batch_size": 4, "lr": 1e-3}, "out_dir": "runs/x", "data": {"files": ["b"]},
+                          "extra": {"k": None}})
+    assert a["train.batch_size"] == "8" and a["data.files"] == '["a"]'
+    assert D.config_differences(a, b) == ["data.files", "extra.k", "train.batch_size"]
+    assert D.config_differences(a, dict(a)) == []
+
+
+def test_same_config_check_is_free_in_one_process() -> None:
+    D.check_same_config({"train": {"batch_size": 8}})  # no process group: nothing to compare with
+
+
+def test_srun_started_ranks_know_their_node_size_for_hsdp() -> None:
+    """Under `LAUNCHER=srun` torchrun's LOCAL_WORLD_SIZE is missing; HSDP's default mesh (one replica per
+    node) comes from --ntasks-per-node, else from SLURM_TASKS_PER_NODE."""
+    base = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[0-1]"}
+    assert D.read_launch_env({**base, "SLURM_NTASKS_PER_NODE": "2"}).local_world_size == 2
+    assert D.read_launch_env({**base, "SLURM_TASKS_PER_NODE": "2(x2)"}).local_world_size == 2
+    assert D.read_launch_env(base).local_world_size is None

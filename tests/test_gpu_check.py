@@ -36,10 +36,10 @@ def test_dry_run_checks_every_command_line_and_exits_0(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     for name in ("kernels", "ours b12 compile", "ours b16 eager", "bench_kernels", "pretrain default",
-                 "learning ours"):
+                 "bench_lora", "learning ours"):
         assert f"  {name}" in out and out.split(f"  {name}", 1)[1].split()[0] == "ok", out
     assert "nanoGPT b12 compile    skip: nanoGPT not there" in out
-    assert "dry run: 13 steps, 0 with problems" in out
+    assert "dry run: 14 steps, 0 with problems" in out
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 

@@ -13,6 +13,7 @@ a step that does not fit in what is left is skipped with a note):
                same shape (`--real_data=False --compile=...`): tokens/s of each and ours / nanoGPT's
   bench_kernels tools/bench_kernels.py with one shape per section
   pretrain     the default `python launch/pretrain.py` (byte-level Tiny Shakespeare): val loss and tok/s
+  bench_lora   tools/bench_lora.py on GPT-2 124M (8 x 1024, bf16, compiled): LoRA r=8/64 vs full fine-tuning
 Learning check (--learning): configs/shakespeare_char_gpu.yaml against nanoGPT's `train.py
 config/train_shakespeare_char.py` (the same recipe; its data prepared offline from our bundled Tiny
 Shakespeare, tools/nanogpt_baseline.py): final val loss and wall time of each.
@@ -170,6 +171,17 @@ def speed_plan(a: argparse.Namespace, out: Path) -> list[Step]:
     pargs = [f"out_dir={run_dir}", "checkpoint.resume=never"]
     steps.append(Step("pretrain default", [PY, "launch/pretrain.py", *pargs], 240, parse=parse_run_dir(run_dir),
                       check=config_parses(pargs)))
+    bl = [PY, "tools/bench_lora.py", "--ranks", "8,64", "--batch", "8", "--seq", "1024", "--dtype", "bf16",
+          "--compile", "--steps", "10", "--warmup", "3", "--out", str(out / "bench_lora.json"),
+          "model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.vocab_size=50304"]  # GPT-2 124M
+
+    def lora_rows(_stdout: str, _out: Path) -> dict[str, Any]:
+        rows = json.loads((out / "bench_lora.json").read_text())["rows"]
+        return {r["variant"]: f"{r['step_time_median_s'] * 1e3:.0f} ms, {r['peak_mem_gib']:.1f} GiB, optim "
+                              f"{r['optim_state_bytes'] / rows[0]['optim_state_bytes']:.4f}x" for r in rows}
+
+    steps.append(Step("bench_lora", bl, 240, parse=lora_rows,
+                      check=lambda: help_accepts(REPO / "tools/bench_lora.py", flags_of(bl))))
     return steps
 
 

@@ -9,6 +9,7 @@
     python tools/checkpoint.py convert model.safetensors --out model_bf16.safetensors --dtype bf16
     python tools/checkpoint.py export-hf runs/sft out/hf-model             # a folder transformers loads as is
     python tools/checkpoint.py import-hf ~/models/Qwen2.5-0.5B runs/qwen-base   # HF folder -> init_from-able run
+    python tools/checkpoint.py merge-lora runs/sft_lora --out merged.safetensors --check   # fold LoRA adapters in
 
 Checkpoints may be local paths or fsspec URLs; outputs are local files. Bad input prints one line
 (`error: <file>: <what was expected>`) and exits with status 2. See docs/checkpoints.md.
@@ -95,6 +96,19 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from llm_dist.lora_checkpoint import compare_merged, merge_lora_checkpoint
+
+    summary = merge_lora_checkpoint(args.path, args.out, _dtype(args.dtype))
+    _report_written(summary)
+    if not args.check:
+        return 0
+    diff = compare_merged(args.path, args.out)
+    ok = diff <= 1e-5 or args.dtype not in (None, "fp32")  # a lossy cast was asked for: report only
+    print(f"check: logits of the merged weights vs base + adapters, max |diff| = {diff:.3g} ({'ok' if ok else 'MISMATCH'})")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -137,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="folder with config.json + *.safetensors + tokenizer.json, or models--org--name")
     p.add_argument("out", help="run directory to write (config.yaml + checkpoints/step_00000000)")
     p.set_defaults(fn=cmd_import_hf)
+
+    p = sub.add_parser("merge-lora", help="LoRA checkpoint -> safetensors of W + (alpha/r) B A (an ordinary model)")
+    p.add_argument("path", help="LoRA checkpoint dir, or its run dir / checkpoints dir (newest complete)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: as stored)")
+    p.add_argument("--check", action="store_true", help="compare the merged file's logits with base + adapters "
+                                                         "(exit 1 if they differ by more than 1e-5)")
+    p.set_defaults(fn=cmd_merge_lora)
     return ap
 
 

@@ -378,34 +378,46 @@ def _load_checked(url: str, meta: dict, state: dict, partial: bool, rels: list[s
     return f"checkpoint {url}: {bad} holds NaN/Inf values (refusing to train on them)" if bad is not None else None
 
 
-def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, checksums: bool = True
-                    ) -> dict:
+def load_checkpoint(url: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, checksums: bool = True,
+                    trainable_only: bool = False) -> dict:
     """Restore model + optimizer in place (any sharding, collective) and return the run's small state.
 
     While DCP reads, each rank checks the checksums of its share of the files in the background; after it,
     each rank checks its loaded shards are finite. The ranks agree (one small all-gather) and all raise the
     same CheckpointReadError naming the first problem, so callers fall back to an older checkpoint together.
     Returns {"train_state", "rng" (this rank's, None if the writer had fewer ranks), "meta", "url"}.
+    `trainable_only`: the checkpoint holds only the parameters that train (LoRA adapters; see lora_base).
     """
     meta = read_json(url, "meta.json")
-    state = sharded.model_optim_state(model, optimizer)
+    state = sharded.model_optim_state(model, optimizer, trainable_only)
     # A refused index is raised on every rank alike (they read the same file): all stop, nobody falls back.
     problem = D.agree_on_problem(_load_checked(url, meta if checksums else {}, state, False, _rank_share(meta)))
     if problem is not None:
         raise CheckpointReadError(problem)
-    sharded.apply_model_optim_state(model, optimizer, state)
+    sharded.apply_model_optim_state(model, optimizer, state, trainable_only)
     return {"train_state": read_json(url, "train_state.json"), "rng": read_rng(url, D.get_rank()),
             "meta": meta, "url": url}
 
 
-def load_checkpoint_weights(model: torch.nn.Module, url: str) -> None:
+def load_checkpoint_weights(model: torch.nn.Module, url: str, trainable_only: bool = False) -> None:
     """Load a checkpoint's model weights into an unsharded model (one process; generate, evaluate, init_from,
-    reward and reference models): checksums checked alongside, non-finite weights refused."""
-    sd = {"model": model.state_dict()}
-    problem = _load_checked(url, read_json(url, "meta.json"), sd, True, None)
+    reward and reference models): checksums checked alongside, non-finite weights refused.
+
+    A LoRA checkpoint (meta.json names a `lora_base`) holds only the adapters: loading it as full weights is
+    refused (the rest of the model would keep its random init); `llm_dist.lora_checkpoint.load_weights`
+    loads the base and then the adapters (`trainable_only`: the parameters with requires_grad only)."""
+    meta = read_json(url, "meta.json")
+    if "lora_base" in meta and not trainable_only:
+        raise CheckpointReadError(f"checkpoint {url} holds LoRA adapters only (base: {meta['lora_base'].get('url')}); "
+                                  "load it with llm_dist.lora_checkpoint.load_weights, or fold the adapters into "
+                                  "full weights with tools/checkpoint.py merge-lora")
+    full = model.state_dict()
+    keep = {n.replace("._checkpoint_wrapped_module", "") for n, p in model.named_parameters() if p.requires_grad}
+    sd = {"model": {k: v for k, v in full.items() if k in keep} if trainable_only else full}
+    problem = _load_checked(url, meta, sd, not trainable_only, None)  # every adapter must be there
     if problem is not None:
         raise CheckpointReadError(problem)
-    model.load_state_dict(sd["model"])
+    model.load_state_dict(sd["model"], strict=not trainable_only)
 
 
 class CheckpointManager:

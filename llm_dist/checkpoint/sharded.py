@@ -169,14 +169,28 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{"model": ..., "optim": ...} keyed by bare parameter names; DTensors stay sharded (no gather)."""
-    msd, osd = get_state_dict(model, optimizer)
+def _options(trainable_only: bool) -> StateDictOptions | None:
+    # trainable_only (LoRA): frozen parameters (the base model, kept elsewhere) are neither saved nor expected.
+    # strict=False lets load_state_dict skip them; a missing *trainable* tensor still fails in DCP's load.
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
+
+
+def model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+                      ) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} keyed by bare parameter names; DTensors stay sharded (no gather).
+    `trainable_only`: only parameters with requires_grad (a LoRA run's adapters), not the frozen base."""
+    msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only))
+    if trainable_only:  # ignore_frozen_params keeps a frozen tied alias (lm_head.weight = tok_emb.weight): drop it
+        keep = {n.replace("._checkpoint_wrapped_module", "")
+                for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in keep}
     return {"model": msd, "optim": osd}
 
 
-def apply_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+def apply_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                            trainable_only: bool = False) -> None:
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(trainable_only))
 
 
 def make_stager() -> Any | None:

@@ -501,6 +501,9 @@ def _complete(path: str) -> str:
     problem = verify(url, checksums=True)
     if problem is not None:
         raise CheckpointToolError(problem)
+    if "lora_base" in (_read_json_or_none(url, "meta.json") or {}):  # adapters only: not a whole model
+        raise CheckpointToolError(f"{url}: a LoRA checkpoint (adapters of {read_json(url, 'meta.json')['lora_base']['url']}); "
+                                  "export it with tools/checkpoint.py merge-lora")
     return url
 
 

@@ -12,13 +12,13 @@ Layout: `schema.py` (the dataclasses), `loading.py` (YAML, presets, overrides, C
 
 from llm_dist.config.loading import apply_dict, apply_override, help_text, load_config, parse_args
 from llm_dist.config.schema import (AttnConfig, ChatConfig, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig,
-                                    LoggingConfig, LossConfig, ModelConfig, MoEConfig, OptimConfig,
+                                    LoggingConfig, LoRAConfig, LossConfig, ModelConfig, MoEConfig, OptimConfig,
                                     ParallelConfig, PPOConfig, ProfileConfig, RewardConfig, RLConfig,
                                     RopeScalingConfig, SFTConfig,
                                     TokenizerConfig, TrainConfig)
 from llm_dist.config.validation import layer_kinds, moe_layers, validate
 
 __all__ = ["AttnConfig", "ChatConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
-           "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PPOConfig", "ParallelConfig", "ProfileConfig",
+           "LoRAConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PPOConfig", "ParallelConfig", "ProfileConfig",
            "RLConfig", "RewardConfig", "RopeScalingConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "apply_dict", "apply_override",
            "help_text", "layer_kinds", "load_config", "moe_layers", "parse_args", "validate"]

@@ -49,6 +49,16 @@ class RopeScalingConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA) for fine-tuning stages: base weights frozen, only W + (alpha/rank) B A trained."""
+
+    rank: int = 0  # adapter rank r; 0 = LoRA off (full fine-tuning). Needs the stage's init_from (the frozen base)
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter branch's input
+    targets: str = "wq,wk,wv,wo"  # comma-separated layers adapted in every block: wq, wk, wv, wo (attention), up, gate, down (dense MLP; gate: swiglu only)
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only transformer shape and architecture choices."""
 
@@ -80,6 +90,7 @@ class ModelConfig:
     score_head: bool = False  # add a scalar head (reward-model score / PPO value) beside the LM head; set by those stages
     attn: AttnConfig = field(default_factory=AttnConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -95,7 +106,8 @@ class DataConfig:
 
     dir: str = "data/prepared/shakespeare_byte"  # prepared shards + index.json
     source: str = "data/tinyshakespeare/input.txt"  # text/glob/fsspec URL/JSONL prepared into `dir` when it has no index
-    text_field: str = "text"  # the field holding the text in JSONL sources
+    text_field: str = "text"  # the field holding the text in JSONL sources / the column in parquet and Arrow ones
+    mixture: str = ""  # YAML file of {path, weight[, text_field]} sources drawn in proportion to weight; replaces data.source when set
     val_fraction: float = 0.1  # fraction of the source held out for validation
     shuffle: bool = True  # shuffle training samples (per epoch, seeded)
     num_proc: int = 1  # processes for on-the-fly preparation

@@ -85,6 +85,33 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
                               f"model.rope_scaling.low_freq_factor={r.low_freq_factor} (llama3 scaling)")
 
 
+def _validate_lora(m: ModelConfig) -> None:
+    """model.lora.* invariants. Which stages may use LoRA (fine-tuning, with an init_from) is checked by
+    the stages themselves (`llm_dist.stages.setup_chat_model`, `llm_dist.pretrain`)."""
+    lo = m.lora
+    _positive("model.lora.rank", lo.rank, allow_zero=True)
+    if not lo.rank:
+        return
+    _positive("model.lora.alpha", lo.alpha)
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {lo.dropout}")
+    names = [t.strip() for t in lo.targets.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("model.lora.targets: expected at least one of wq, wk, wv, wo, up, gate, down, got ''")
+    allowed = ("wq", "wk", "wv", "wo", "up", "gate", "down")  # = llm_dist.model.lora.TARGETS
+    for t in names:
+        _choice("model.lora.targets", t, allowed)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model.lora.targets={lo.targets!r}: a layer is listed twice")
+    if "gate" in names and m.mlp != "swiglu":
+        raise ConfigError(f"model.lora.targets has 'gate', which only model.mlp=swiglu has (model.mlp={m.mlp!r})")
+    if m.moe.num_experts and any(t in ("up", "gate", "down") for t in names):
+        raise ConfigError(f"model.lora.targets={lo.targets!r}: adapters on MLP layers are not supported with "
+                          "model.moe.num_experts > 0 (the experts are batched tensors, not linear layers)")
+    if m.ops != "torch":
+        raise ConfigError(f"model.lora needs model.ops=torch (the adapted layers are nn.Linear), got {m.ops!r}")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """All cross-field invariants in one place. Raises ConfigError (one line) on the first problem."""
     m, t, o = cfg.model, cfg.train, cfg.optim
@@ -116,6 +143,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("model.ops", m.ops, ("torch", "scratch"))
     _validate_attn(m)
     _validate_moe(m)
+    _validate_lora(m)
 
     if not cfg.tokenizer.name:
         raise ConfigError("tokenizer.name: expected 'byte', 'gpt2' or a tokenizer file path, got ''")

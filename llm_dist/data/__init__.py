@@ -6,6 +6,7 @@
                            micro_batch=16, rank=rank, world_size=world_size, seed=1337, device=device)
     for x, y in loader.next_batch(): ...
 
+Inputs: parquet, Arrow/`datasets` folders, JSONL(.gz/.zst), text; weighted mixtures via prepare_mixture.
 Formats and rules are documented in docs/data.md.
 """
 
@@ -22,11 +23,13 @@ from llm_dist.data.index import (
     write_token_dataset,
 )
 from llm_dist.data.loader import ShardedLoader, TokenStream
+from llm_dist.data.mixture import MixtureSource, read_mixture_file
 from llm_dist.data.prepare import (
     DEFAULT_SHARD_TOKENS,
     char_split_point,
     ensure_prepared,
     prepare_dataset,
+    prepare_mixture,
     use_or_prepare,
     val_by_hash,
 )
@@ -44,7 +47,10 @@ __all__ = [
     "dtype_for_vocab",
     "ensure_prepared",
     "make_index",
+    "MixtureSource",
     "prepare_dataset",
+    "prepare_mixture",
+    "read_mixture_file",
     "read_index",
     "resolve_sources",
     "use_or_prepare",

@@ -13,6 +13,11 @@ Batches. Each optimizer step consumes `global_batch` consecutive positions. Rank
 contiguous slice [r*B/W, (r+1)*B/W) of them, cut into micro-batches of `micro_batch` sequences, and reads
 only those windows from disk. Concatenating every rank's slices in rank order gives the W=1 batch.
 
+Mixtures. A directory prepared from a mixture file (`mixture.json` + one prepared sub-directory per source,
+llm_dist/data/mixture.py) is one split whose samples are the sources' samples end to end; training positions
+map to them through `MixtureOrder` (sources drawn in proportion to their weights, still a function of seed
+and position only), evaluation reads them in that concatenated order.
+
 Resume. `state_dict()` is the global position only (epoch, slot), identical on every rank, so a loader
 with any world size / micro-batch / global batch continues exactly where the saved one stopped.
 """
@@ -20,6 +25,7 @@ with any world size / micro-batch / global batch continues exactly where the sav
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 
 from llm_dist.data.index import INDEX_NAME, DataIndexError, read_index
+from llm_dist.data.mixture import MixtureOrder, read_mixture
 
 Batch = list[tuple[torch.Tensor, torch.Tensor]]
 STATE_VERSION = 1
@@ -202,10 +209,18 @@ class ShardedLoader:
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (it seeds PCG64), got {seed}")
         self.data_dir = Path(data_dir)
-        self.index = read_index(self.data_dir)
-        if split not in self.index["splits"]:
-            have = ", ".join(self.index["splits"]) or "none"
-            raise DataIndexError(f"{self.data_dir}: split {split!r} not present (splits: {have})")
+        mixture = read_mixture(self.data_dir)
+        parts = mixture if mixture is not None else [(self.data_dir, 1.0)]
+        indexes = [read_index(d) for d, _ in parts]
+        self.index = indexes[0]
+        for (d, _), idx in zip(parts, indexes):
+            if split not in idx["splits"]:
+                have = ", ".join(idx["splits"]) or "none"
+                raise DataIndexError(f"{d}: split {split!r} not present (splits: {have})")
+            for key in ("dtype", "vocab_size", "eot_id"):
+                if idx[key] != self.index[key]:
+                    raise DataIndexError(f"{d}: {key} {idx[key]!r} differs from {parts[0][0]}'s {self.index[key]!r}: "
+                                         "a mixture's sources must be prepared with one tokenizer")
         self.split = split
         self.seq_len = int(seq_len)
         self.micro_batch = int(micro_batch)
@@ -213,16 +228,29 @@ class ShardedLoader:
         self.seed = int(seed)
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
         self.device = torch.device(device)
-        self.stream = TokenStream(self.data_dir, self.index, split)
-        self.n_tokens = len(self.stream)
-        self.n_samples = (self.n_tokens - 1) // self.seq_len
-        if self.n_samples < 1:
-            raise DataIndexError(
-                f"{self.data_dir}: split {split!r} has {self.n_tokens} tokens, fewer than seq_len + 1 = "
-                f"{self.seq_len + 1} (seq_len is the model's block_size): use a shorter context or prepare more data"
-            )
-        self.stream.check_ids(self.vocab_size)
-        self.data_fingerprint = self.stream.fingerprint(self.index["tokenizer"].get("fingerprint"))
+        self.streams = [TokenStream(d, idx, split) for (d, _), idx in zip(parts, indexes)]
+        self.stream = self.streams[0]
+        self.n_tokens = sum(len(st) for st in self.streams)
+        counts = [(len(st) - 1) // self.seq_len for st in self.streams]  # samples of each source
+        for (d, _), st, n in zip(parts, self.streams, counts):
+            if n < 1:
+                raise DataIndexError(
+                    f"{d}: split {split!r} has {len(st)} tokens, fewer than seq_len + 1 = "
+                    f"{self.seq_len + 1} (seq_len is the model's block_size): use a shorter context or prepare more data"
+                )
+        self.n_samples = sum(counts)
+        self._first = np.cumsum([0] + counts)  # [S+1] first global sample id of each source
+        for st in self.streams:
+            st.check_ids(self.vocab_size)
+        prints = [st.fingerprint(self.index["tokenizer"].get("fingerprint")) for st in self.streams]
+        self.data_fingerprint = prints[0]
+        self.mixture: list[float] | None = None  # the sources' weights, for a mixture directory
+        self._order: MixtureOrder | None = None
+        if mixture is not None:
+            self.mixture = [w for _, w in mixture]
+            self._order = MixtureOrder(counts, self.mixture, self.seed, self.shuffle)
+            # Weights are part of the data: a resume with other weights would land elsewhere in the order.
+            self.data_fingerprint = hashlib.sha256(json.dumps([prints, self.mixture]).encode()).hexdigest()[:16]
         self._consumed = 0  # global positions consumed since epoch 0, slot 0
         self._perms: dict[int, np.ndarray] = {}
         self.set_global_batch(global_batch)
@@ -286,6 +314,8 @@ class ShardedLoader:
     def sample_ids(self, positions: np.ndarray) -> np.ndarray:
         """Global positions -> sample ids: the sample-order rule (a function of seed, epoch, position only)."""
         positions = np.asarray(positions, dtype=np.int64)
+        if self._order is not None:
+            return self._order.sample_ids(positions)
         slots = positions % self.n_samples
         if not self.shuffle:
             return slots
@@ -301,8 +331,7 @@ class ShardedLoader:
     def _load(self, sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows of these samples as (x, y), int64 [len(sample_ids), seq_len] each, on self.device."""
         n, T = len(sample_ids), self.seq_len
-        win = self.stream.gather(sample_ids * T, T + 1)  # [n, T+1] storage dtype
-        self.stream.check_window_ids(win, sample_ids * T)
+        win = self._gather(np.asarray(sample_ids, dtype=np.int64))  # [n, T+1] storage dtype
         pin = self.device.type == "cuda"
         # Fresh buffers per call: a pinned buffer must not be refilled while its async copy may still be
         # running, and torch's caching host allocator makes the re-allocation cheap.
@@ -314,6 +343,22 @@ class ShardedLoader:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
         return x, y
+
+    def _gather(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Token windows [len(sample_ids), T+1] of global sample ids (split among a mixture's sources)."""
+        T = self.seq_len
+        if len(self.streams) == 1:
+            win = self.stream.gather(sample_ids * T, T + 1)
+            self.stream.check_window_ids(win, sample_ids * T)
+            return win
+        win = np.empty((sample_ids.size, T + 1), dtype=self.stream.dtype)
+        source = np.searchsorted(self._first, sample_ids, side="right") - 1  # [n]
+        for s in np.unique(source).tolist():
+            rows = np.flatnonzero(source == s)
+            starts = (sample_ids[rows] - self._first[s]) * T
+            win[rows] = self.streams[s].gather(starts, T + 1)
+            self.streams[s].check_window_ids(win[rows], starts)
+        return win
 
     def _rank_batch(self, first_global: int, sample_ids_of) -> Batch:
         per_rank = self.global_batch // self.world_size

@@ -1,16 +1,17 @@
-"""Data preparation: text/JSONL inputs -> tokenized train/val shards + index (see docs/data.md).
+"""Data preparation: text/JSONL/parquet/Arrow inputs -> tokenized train/val shards + index (see docs/data.md).
 
     index = ensure_prepared("data/prepared/shakespeare_byte", "data/tinyshakespeare/input.txt", "byte", 0.1)
 
 Split rule
 - exactly one plain-text input file: split by characters like nanoGPT: the first
   int(n_chars * (1 - val_fraction)) characters are train, the rest val; each part is one document.
-- anything else (JSONL, several files): split by document. A document goes to val iff
+- anything else (JSONL, parquet, Arrow, several files): split by document. A document goes to val iff
   blake2b-64(utf8(text)) / 2**64 < val_fraction. The rule depends on the text alone, so it does not
   change with file order, num_proc or sharding, and exact duplicates always land in the same split.
 
 Every document's tokens are followed by `eot_id`; empty documents are skipped. Documents keep input
-order (files in the order given, globs sorted, JSONL in line order) within each split.
+order (files in the order given, globs sorted, JSONL in line order, parquet/Arrow in row order) within
+each split. Progress lines give a percentage and ETA (bytes read of the inputs' known total size).
 
 Re-running is idempotent: if `out_dir` holds a complete index built from the same tokenizer fingerprint,
 the same files (path, size, mtime) and the same settings, nothing is done. A mismatch raises unless
@@ -41,16 +42,18 @@ from llm_dist.data.index import (
     read_index,
     write_index,
 )
+from llm_dist.data.mixture import MIXTURE_NAME, MixtureSource, source_dir_name, write_mixture
 from llm_dist.data.sources import (
     DataPrepError,
     SourceFile,
-    iter_jsonl_texts,
+    check_source_columns,
     read_text_chunks,
-    read_text_file,
     resolve_sources,
+    source_documents,
     split_at_safe_boundary,
 )
 from llm_dist.tokenizer import Tokenizer, load_tokenizer
+from llm_dist.tokenizer.progress import format_eta
 
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -139,7 +142,8 @@ class _Encoder:
 
 
 class _Progress:
-    """Prints "docs, tokens, tokens/s" at most every `interval` seconds, and once at the end."""
+    """Prints "docs, tokens, tokens/s" at most every `interval` seconds, and once at the end; with the inputs'
+    total size known, also the share read and an ETA (`fraction` is set by the reading side)."""
 
     def __init__(self, log: Log | None, interval: float) -> None:
         self.log, self.interval = log, interval
@@ -147,6 +151,7 @@ class _Progress:
         self.docs = {s: 0 for s in SPLITS}
         self.tokens = {s: 0 for s in SPLITS}
         self.chars = 0
+        self.fraction: float | None = None  # of the input read so far; None: total size unknown
 
     def add(self, split: str, tokens: int, docs: int, chars: int) -> None:
         self.tokens[split] += tokens
@@ -160,28 +165,31 @@ class _Progress:
     def line(self, what: str) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tok = sum(self.tokens.values())
-        return (f"prepare_data {what}: {sum(self.docs.values()):,} docs, {tok:,} tokens "
+        share = ""
+        if self.fraction is not None and what == "progress":
+            share = f"{100 * self.fraction:5.1f}% eta {format_eta(self.fraction, dt)}, "
+        return (f"prepare_data {what}: {share}{sum(self.docs.values()):,} docs, {tok:,} tokens "
                 f"(train {self.tokens['train']:,} / val {self.tokens['val']:,}), {self.chars:,} chars, "
                 f"{tok / dt / 1e6:.2f}M tokens/s, {dt:.1f}s")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Work-item producers: both yield (split, text, ends_document) pieces in output order.
+# Work-item producers: both yield (split, text, ends_document, fraction_of_input_read) in output order.
 
 def _single_file_pieces(src: SourceFile, val_fraction: float, chunk_chars: int
-                        ) -> tuple[Iterator[tuple[str, str, bool]], dict[str, Any]]:
+                        ) -> tuple[Iterator[tuple[str, str, bool, float]], dict[str, Any]]:
     # Pass 1 counts characters, so the split point is known before streaming pass 2 (no whole-file copy).
-    n_chars = sum(len(p) for p in read_text_chunks(src.url, 1 << 22))
+    n_chars = sum(len(p) for p in read_text_chunks(src.url, 1 << 22, src.codec))
     if n_chars == 0:
         raise DataPrepError(f"{src.url}: empty input (0 characters)")
     n_train = char_split_point(n_chars, val_fraction)
     rule = {"kind": "chars", "val_fraction": val_fraction, "chars": n_chars,
             "train_chars": n_train, "val_chars": n_chars - n_train}
 
-    def pieces() -> Iterator[tuple[str, str, bool]]:
+    def pieces() -> Iterator[tuple[str, str, bool, float]]:
         pos = 0
         carry = {"train": "", "val": ""}
-        for raw in read_text_chunks(src.url, chunk_chars):
+        for raw in read_text_chunks(src.url, chunk_chars, src.codec):
             cut = min(max(n_train - pos, 0), len(raw))
             pos += len(raw)
             for split, part in (("train", raw[:cut]), ("val", raw[cut:])):
@@ -190,27 +198,31 @@ def _single_file_pieces(src: SourceFile, val_fraction: float, chunk_chars: int
                 buf = carry[split] + part
                 i = split_at_safe_boundary(buf)
                 if i > 0:
-                    yield split, buf[:i], False
+                    yield split, buf[:i], False, pos / n_chars
                     buf = buf[i:]
                 carry[split] = buf
         for split in SPLITS:  # the remainder of each split closes its (single) document
             if carry[split]:
-                yield split, carry[split], True
+                yield split, carry[split], True, 1.0
 
     return pieces(), rule
 
 
 def _document_pieces(sources: list[SourceFile], val_fraction: float, text_field: str
-                     ) -> tuple[Iterator[tuple[str, str, bool]], dict[str, Any]]:
+                     ) -> tuple[Iterator[tuple[str, str, bool, float]], dict[str, Any]]:
     rule = {"kind": "documents", "val_fraction": val_fraction,
             "rule": "val iff blake2b(utf8(text), digest_size=8) as big-endian int / 2**64 < val_fraction"}
+    # Progress by bytes: files weigh their size (each counts 1 when a size is unknown).
+    weights = [float(s.size) if s.size else 1.0 for s in sources]
+    total = sum(weights) or 1.0
 
-    def pieces() -> Iterator[tuple[str, str, bool]]:
-        for src in sources:
-            texts = iter_jsonl_texts(src.url, text_field) if src.kind == "jsonl" else iter([read_text_file(src.url)])
-            for text in texts:
+    def pieces() -> Iterator[tuple[str, str, bool, float]]:
+        before = 0.0
+        for src, w in zip(sources, weights):
+            for text, frac in source_documents(src, text_field):
                 if text:
-                    yield ("val" if val_by_hash(text, val_fraction) else "train"), text, True
+                    yield ("val" if val_by_hash(text, val_fraction) else "train"), text, True, (before + frac * w) / total
+            before += w
 
     return pieces(), rule
 
@@ -223,7 +235,7 @@ def _recipe(sources: list[SourceFile], tokenizer: Tokenizer, val_fraction: float
         "sources": [s.to_json() for s in sources],
         "tokenizer_fingerprint": tokenizer.fingerprint(),
         "val_fraction": float(val_fraction),
-        "text_field": text_field if any(s.kind == "jsonl" for s in sources) else None,
+        "text_field": text_field if any(s.kind != "text" for s in sources) else None,
     }
     return json.loads(json.dumps(recipe))  # normalise (tuples -> lists, floats) to compare with loaded JSON
 
@@ -255,14 +267,31 @@ def check_output_dir(out_dir: Path) -> None:
         raise DataPrepError(problem)
 
 
-def _discard(out_dir: Path, created: bool) -> None:
-    """After a failed preparation: remove our shards and temp files, and the directory if we made it."""
+def _discard(out_dir: Path, created: Path | None) -> None:
+    """After a failed preparation: remove our shards and temp files, and the directories we made (`created`
+    is the outermost one mkdir created, None if `out_dir` existed)."""
     clean_prepared_dir(out_dir)
-    if created:
+    if created is None:
+        return
+    d = out_dir.absolute()
+    while True:
         try:
-            out_dir.rmdir()  # only if empty: never someone else's files
+            d.rmdir()  # only if empty: never someone else's files
         except OSError:
-            pass
+            return
+        if d == created or d.parent == d:
+            return
+        d = d.parent
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (what mkdir(parents=True) will create)."""
+    missing = None
+    for d in [path, *path.parents]:
+        if d.exists():
+            break
+        missing = d
+    return missing
 
 
 def prepare_dataset(
@@ -300,9 +329,13 @@ def prepare_dataset(
                             f"{os.cpu_count()} CPUs here), got {num_proc}")
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # before the (maybe slow) tokenizer load and before anything is written
+    if (out_dir / MIXTURE_NAME).exists():
+        raise DataPrepError(f"{out_dir} holds a prepared mixture ({MIXTURE_NAME}); prepare a single corpus into "
+                            "another directory, or remove it")
     spec = tokenizer if isinstance(tokenizer, str) else None
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     srcs = resolve_sources(sources, input_format)
+    check_source_columns(srcs, text_field)  # a missing --text-field column fails before anything is written
     recipe = _recipe(srcs, tok, val_fraction, text_field)
 
     if (out_dir / INDEX_NAME).exists():
@@ -328,7 +361,7 @@ def prepare_dataset(
     else:
         pieces, rule = _document_pieces(srcs, val_fraction, text_field)
 
-    created = not out_dir.exists()
+    created = _first_missing(out_dir.absolute())
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_prepared_dir(out_dir)  # index first, then stale shards/temps of an earlier run
     if removed and log:
@@ -338,6 +371,7 @@ def prepare_dataset(
     splits = SPLITS if val_fraction > 0 else ("train",)
     writers = {s: ShardWriter(out_dir, s, dtype, shard_tokens) for s in splits}
     progress = _Progress(log, progress_interval)
+    known_size = all(s.size is not None for s in srcs)
     encoder = _Encoder(tok, spec, num_proc, dtype)
     # Batch pieces per split into ~chunk_chars work items; a split's items reach its writer in order.
     batch: dict[str, tuple[list[str], list[bool]]] = {s: ([], []) for s in SPLITS}
@@ -349,7 +383,8 @@ def prepare_dataset(
             progress.add(split, int(arr.size), docs, chars)
 
     try:
-        for split, text, end in pieces:
+        for split, text, end, fraction in pieces:
+            progress.fraction = fraction if known_size else None
             texts, ends = batch[split]
             texts.append(text)
             ends.append(end)
@@ -450,7 +485,7 @@ def _recipe_note(index: dict, sources: str | Sequence[str], val_fraction: float,
     if recipe.get("val_fraction") is not None and float(recipe["val_fraction"]) != float(val_fraction):
         notes.append(f"it was split with val_fraction {recipe['val_fraction']}, not {val_fraction}")
     try:
-        srcs = resolve_sources(sources, input_format)
+        srcs = resolve_sources(sources, input_format, detect=False)  # sizes only: no file is opened
     except DataPrepError:
         srcs = None  # the source is gone: nothing to compare, and nothing needed
     if srcs is not None and "sources" in recipe:
@@ -482,3 +517,42 @@ def ensure_prepared(
     those of `prepare_dataset` (shard_tokens, num_proc, text_field, overwrite, log, ...).
     """
     return prepare_dataset(out_dir, sources, tokenizer, val_fraction, **kwargs)
+
+
+def prepare_mixture(
+    out_dir: str | os.PathLike,
+    sources: Sequence[MixtureSource],
+    tokenizer: Tokenizer | str,
+    val_fraction: float = 0.1,
+    *,
+    text_field: str = "text",
+    use_existing: bool = False,
+    log: Log | None = print,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Prepare each mixture source into `<out_dir>/<NN>-<name>/` and write `<out_dir>/mixture.json`.
+
+    use_existing: the trainer's rule (`use_or_prepare`: a valid prepared sub-directory is used as is); else
+    each source goes through `prepare_dataset` (a no-op when already prepared from the same input).
+    Weights live only in mixture.json, so changing them re-uses every source's shards. Returns mixture.json.
+    `kwargs` are `prepare_dataset`'s (num_proc, shard_tokens, min_split_tokens, ...).
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    if (out_dir / INDEX_NAME).exists():
+        raise DataPrepError(f"{out_dir} holds a single prepared corpus ({INDEX_NAME}), not a mixture; choose another "
+                            "output directory for the mixture")
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    names = []
+    for i, src in enumerate(sources):
+        name = source_dir_name(i, src.path)
+        field = src.text_field or text_field
+        if log:
+            log(f"prepare_data: mixture source {i} ({src.path}, weight {src.weight:g}) -> {out_dir / name}")
+        if use_existing:
+            use_or_prepare(out_dir / name, src.path, tok, val_fraction, text_field=field, log=log,
+                           dir_key=f"mixture source {i}'s directory", source_key=f"mixture source {i}", **kwargs)
+        else:
+            prepare_dataset(out_dir / name, src.path, tok, val_fraction, text_field=field, log=log, **kwargs)
+        names.append(name)
+    return write_mixture(out_dir, names, list(sources))

@@ -1,33 +1,42 @@
-"""Input side of data preparation: resolve paths/globs/URLs with fsspec and stream documents out of them.
+"""Input side of data preparation: resolve paths/globs/URLs/folders with fsspec and pick each file's reader.
 
-Two kinds of input file:
-- text  (anything not named *.jsonl / *.ndjson): one file is one document.
-- jsonl (*.jsonl, *.ndjson, optionally compressed e.g. *.jsonl.gz): one line is one document, its text
-  under `text_field`. Blank lines are skipped; every other line must be a JSON object with a string there.
+Every input resolves to `SourceFile`s whose `kind` says how documents come out of it (llm_dist/data/formats.py
+decides, by magic bytes, then name, then a UTF-8 sniff; llm_dist/data/readers.py reads):
+- text: one file is one document.
+- jsonl: one line is one document, its text under `text_field` (optionally gzip/zstd compressed).
+- parquet / arrow: one row is one document, its text in the `text_field` column; a `datasets`
+  `save_to_disk` folder stands for its data-*.arrow files (in the row order its state.json lists).
 
-Everything is opened through `fsspec.open` (compression inferred from the extension), so local paths,
-`file://`, `s3://`, `gs://`, `https://` ... all work wherever the matching fsspec backend is installed.
+Everything is opened through fsspec, so local paths, `file://`, `s3://`, `gs://`, `https://` ... all work
+wherever the matching fsspec backend is installed; `hf://` Hub URLs are refused (download first).
 Bad input raises `DataPrepError` with one line naming the file, line and key at fault.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import fsspec
 from fsspec.core import url_to_fs
-from fsspec.utils import infer_compression
 
-from llm_dist.data.jsonl import utf8_lines
+from llm_dist.data.errors import DataPrepError
+from llm_dist.data.formats import (
+    DATASETS_DICT,
+    DATASETS_INFO,
+    DATASETS_STATE,
+    compression_of,
+    datasets_folder_files,
+    detect_kind,
+    forced_kind,
+    refuse_url_scheme,
+    unsupported,
+)
+from llm_dist.data.readers import check_columns, iter_documents, read_head, read_text_chunks
 
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-class DataPrepError(ValueError):
-    """Bad input for data preparation; the message is a single line naming the file/line/key at fault."""
+__all__ = ["DataPrepError", "SourceFile", "resolve_sources", "read_text_chunks", "read_text_file",
+           "source_documents", "check_source_columns", "split_at_safe_boundary"]
+_HEAD_BYTES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -35,26 +44,19 @@ class SourceFile:
     """One resolved input file. `size`/`mtime` identify its version so a re-run can tell "same input"."""
 
     url: str  # plain absolute path for local files, protocol-qualified URL otherwise
-    kind: str  # "text" or "jsonl"
+    kind: str  # text | jsonl | parquet | arrow
     size: int | None
     mtime: str | None
+    codec: str | None = None  # compression of a text/JSONL file (gzip, zstd, ...), found from its bytes
 
     def to_json(self) -> dict:
-        return asdict(self)
+        # The codec follows from the bytes, which size/mtime already pin: left out so recipes of data
+        # prepared before it was recorded still match.
+        return {"url": self.url, "kind": self.kind, "size": self.size, "mtime": self.mtime}
 
 
 def _has_magic(path: str) -> bool:
     return any(c in path for c in "*?[")
-
-
-def _kind_of(url: str, input_format: str) -> str:
-    if input_format in ("text", "jsonl"):
-        return input_format
-    name = url.lower()
-    comp = infer_compression(name)
-    if comp is not None:  # strip ".gz" etc. so "x.jsonl.gz" is jsonl
-        name = name.rsplit(".", 1)[0]
-    return "jsonl" if name.endswith(_JSONL_SUFFIXES) else "text"
 
 
 def _mtime(info: dict) -> str | None:
@@ -65,26 +67,30 @@ def _mtime(info: dict) -> str | None:
     return None
 
 
-def resolve_sources(sources: str | Sequence[str], input_format: str = "auto") -> list[SourceFile]:
-    """Expand globs (sorted, so the order is reproducible) and stat every file; errors name the culprit."""
-    if input_format not in ("auto", "text", "jsonl"):
-        raise DataPrepError(f"input format must be 'auto', 'text' or 'jsonl', got {input_format!r}")
+def resolve_sources(sources: str | Sequence[str], input_format: str = "auto", detect: bool = True
+                    ) -> list[SourceFile]:
+    """Expand globs (sorted, so the order is reproducible), stat every file and pick its reader; errors
+    name the culprit. `input_format` "auto" detects each file's kind; a kind name forces it.
+    `detect=False` only stats (kind "unknown"): for comparing sizes without reading every file's head."""
+    forced = forced_kind(input_format)
     specs = [sources] if isinstance(sources, str) else list(sources)
     if not specs:
         raise DataPrepError("no inputs given")
     out: list[SourceFile] = []
     for spec in specs:
         spec = str(spec)
+        refuse_url_scheme(spec)
         try:
-            out.extend(_resolve_one(spec, input_format))
+            out.extend(_resolve_one(spec, forced, detect))
         except DataPrepError:
             raise
-        except (ImportError, ValueError, OSError) as e:  # no backend for the URL (s3fs...), bad URL, I/O error
-            raise DataPrepError(f"{spec}: cannot open it ({type(e).__name__}: {e})") from None
+        except Exception as e:  # no backend for the URL (s3fs...), bad URL, I/O or network error
+            raise DataPrepError(f"{spec}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                                ) from None
     return out
 
 
-def _resolve_one(spec: str, input_format: str) -> list[SourceFile]:
+def _resolve_one(spec: str, forced: str | None, detect: bool) -> list[SourceFile]:
     fs, path = url_to_fs(spec)
     if _has_magic(path):
         paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
@@ -93,67 +99,69 @@ def _resolve_one(spec: str, input_format: str) -> list[SourceFile]:
     else:
         if not fs.exists(path):
             raise DataPrepError(f"{spec}: input file not found")
-        if fs.isdir(path):
-            raise DataPrepError(f"{spec}: is a directory; pass a glob such as '{spec.rstrip('/')}/*.txt'")
-        paths = [path]
+        paths = _folder_files(fs, path, spec) if fs.isdir(path) else [path]
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     out = []
     for p in paths:
         info = fs.info(p)
         url = p if local else fs.unstrip_protocol(p)
-        out.append(SourceFile(url=url, kind=_kind_of(url, input_format), size=info.get("size"), mtime=_mtime(info)))
+        size = info.get("size")
+        kind, codec = _kind_of(url, size, forced) if detect else ("unknown", None)
+        out.append(SourceFile(url=url, kind=kind, size=size, mtime=_mtime(info), codec=codec))
     return out
 
 
-def read_text_chunks(url: str, chunk_chars: int) -> Iterator[str]:
-    """Stream a UTF-8 text file in pieces of `chunk_chars` characters, newlines kept byte-exact."""
-    # Bytes are decoded here (not by a text wrapper) so that a bad byte is reported at its offset in the file;
-    # nothing is translated, so "\r\n" stays as is: the prepared tokens encode exactly the file's text.
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    pos = 0  # bytes read so far
-    with fsspec.open(url, "rb", compression="infer") as f:
-        while True:
-            raw = f.read(chunk_chars)
-            pending = len(decoder.getstate()[0])  # bytes of a split character held from the previous read
-            try:
-                piece = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise DataPrepError(f"{url}: not valid UTF-8 ({e.reason} at byte offset {pos - pending + e.start} "
-                                    "of the file); expected UTF-8 text") from None
-            pos += len(raw)
-            if piece:
-                yield piece
-            if not raw:
-                return
+def _folder_files(fs, path: str, spec: str) -> list[str]:  # noqa: ANN001 - any fsspec filesystem
+    """A `datasets` save_to_disk folder -> its data files; any other folder is refused with a hint."""
+    base = path.rstrip("/")
+    if fs.exists(f"{base}/{DATASETS_STATE}"):
+        try:
+            state = json.loads(fs.cat_file(f"{base}/{DATASETS_STATE}"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataPrepError(f"{spec}/{DATASETS_STATE}: not valid JSON ({e})") from None
+        files = datasets_folder_files(base, state)
+        for f in files:
+            if not fs.exists(f):
+                raise DataPrepError(f"{f}: listed in {spec}/{DATASETS_STATE} but missing")
+        return files
+    if fs.exists(f"{base}/{DATASETS_DICT}"):
+        splits = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False) if fs.isdir(p))
+        raise DataPrepError(f"{spec}: a datasets DatasetDict folder (splits: {', '.join(splits) or 'none'}); pass "
+                            f"one split's folder, e.g. {spec.rstrip('/')}/{splits[0] if splits else 'train'}")
+    if fs.exists(f"{base}/{DATASETS_INFO}"):
+        raise DataPrepError(f"{spec}: has {DATASETS_INFO} but no {DATASETS_STATE}; expected a folder written by "
+                            "datasets' save_to_disk")
+    raise unsupported(spec, f"is a directory, not a datasets save_to_disk folder; pass its files or a glob such as "
+                            f"'{spec.rstrip('/')}/*.parquet'")
 
 
-def read_text_file(url: str) -> str:
+def _kind_of(url: str, size: int | None, forced: str | None) -> tuple[str, str | None]:
+    head = read_head(url, _HEAD_BYTES)
+    codec = compression_of(url, head) if not head.startswith((b"PAR1", b"ARROW1")) else None
+    if forced is not None:
+        return forced, (codec if forced in ("text", "jsonl") else None)
+    decompressed = read_head(url, _HEAD_BYTES, codec) if codec else None
+    return detect_kind(url, head, size, decompressed), codec
+
+
+def read_text_file(url: str, codec: str | None = None) -> str:
     """The whole file as one string (a document in multi-file mode)."""
-    return "".join(read_text_chunks(url, 1 << 24))
+    return "".join(read_text_chunks(url, 1 << 24, codec))
 
 
-def iter_jsonl_texts(url: str, text_field: str) -> Iterator[str]:
-    """Yield `obj[text_field]` for each non-blank line; raise a one-line error for any malformed line."""
-    with fsspec.open(url, "rb", compression="infer") as f:
-        for lineno, line in utf8_lines(f, url, DataPrepError):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataPrepError(f"{url}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataPrepError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                keys = ", ".join(sorted(obj)[:8]) or "none"
-                raise DataPrepError(f"{url}:{lineno}: no {text_field!r} field (keys: {keys}); set --text-field "
-                                  "(data.text_field when training)")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise DataPrepError(
-                    f"{url}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
-                )
-            yield text
+def source_documents(src: SourceFile, text_field: str) -> Iterator[tuple[str, float]]:
+    """(document, fraction of `src` read) for every document of one input file."""
+    return iter_documents(src.url, src.kind, text_field, src.codec, src.size)
+
+
+def check_source_columns(sources: Sequence[SourceFile], text_field: str) -> None:
+    """Check the text column of the first parquet and first Arrow file (cheap: schema only) before any
+    output exists; the others are checked as they are read."""
+    seen: set[str] = set()
+    for src in sources:
+        if src.kind in ("parquet", "arrow") and src.kind not in seen:
+            seen.add(src.kind)
+            check_columns(src.url, src.kind, text_field)
 
 
 def split_at_safe_boundary(buf: str) -> int:

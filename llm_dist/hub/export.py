@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from llm_dist.checkpoint.manager import load_checkpoint_tokenizer, load_checkpoint_weights, read_config_dict, verify
+from llm_dist.checkpoint.manager import load_checkpoint_tokenizer, read_config_dict, verify
 from llm_dist.checkpoint.tools import CheckpointToolError, resolve
 from llm_dist.config import Config, apply_dict
 from llm_dist.model.hf_interop import HFFormatError, save_hf
@@ -119,8 +119,12 @@ def export_hf(source: str, out: str | os.PathLike, dtype: torch.dtype = torch.fl
     if tok.vocab_size > cfg.model.vocab_size:
         raise ExportError(f"checkpoint {url}: tokenizer has {tok.vocab_size} ids but model.vocab_size is "
                           f"{cfg.model.vocab_size}")
+    from llm_dist.lora_checkpoint import load_weights
+    from llm_dist.model.lora import merge_lora_
+
     model = build_model(cfg.model, "cpu")
-    load_checkpoint_weights(model, url)
+    load_weights(model, url)  # a LoRA checkpoint: its recorded base, then the adapters ...
+    merge_lora_(model)  # ... folded into plain linears (nothing to do for a full checkpoint)
     chat = chat_of(tok, chat_format(cfg.chat.template))
     ids = special_ids(tok, chat)
 

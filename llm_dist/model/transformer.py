@@ -354,14 +354,21 @@ class Transformer(nn.Module):
 def build_model(cfg: ModelConfig, device: torch.device | str, seed: int | None = None) -> Transformer:
     """Construct on the meta device, materialise on `device` and initialise once.
 
-    No memory is spent on a throw-away CPU init. With `seed` the init draws from a private CPU
+    With `cfg.lora.rank` > 0 the target linears carry LoRA adapters (B = 0: the base model's outputs) and
+    only the adapters require gradients. No memory is spent on a throw-away CPU init. With `seed` the init draws from a private CPU
     generator (the global RNG is left alone; see `llm_dist/model/init.py`), so every rank and every
     device that passes the same seed gets bit-identical weights without broadcasting them.
     """
+    from llm_dist.model.lora import apply_lora, init_lora_
+
     with torch.device("meta"):
         model = Transformer(cfg)
+        if cfg.lora.rank:  # model.lora: adapters on the target linears, the rest frozen (llm_dist/model/lora.py)
+            apply_lora(model, cfg.lora)
     model.to_empty(device=torch.device(device))
-    model.init_weights(generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.init_weights(generator=gen)
+    init_lora_(model, gen)
     return model
 
 

@@ -8,6 +8,11 @@ fsdp    FSDP2 (`fully_shard`) per transformer block and at the root, on a 1-D me
 hsdp    FSDP2 on a 2-D mesh (replicas x shards): sharded within a replica group (usually one node, fast
         links), replicated across groups (gradients all-reduced between them).
 
+LoRA (`model.lora.rank` > 0) swaps the target linears for adapted ones and freezes the rest right after the
+meta-device build, so AC, compile and FSDP see the final module tree: FSDP2 shards frozen base weights and
+trainable adapters together in each block's one parameter group; only the adapters get gradients,
+reduce-scatters and optimizer state. DDP skips the frozen parameters (no hooks, no all-reduce).
+
 The model is constructed on the meta device (no memory), wrapped and sharded there, then materialised
 with `to_empty` (each rank allocates only its shards) and initialised once from a seeded CPU generator
 (`llm_dist/model/init.py`), so its weights are identical to the single-process model's for any sharding.
@@ -26,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llm_dist.config import Config, ConfigError
 from llm_dist.distributed import Runtime
+from llm_dist.model.lora import apply_lora, init_lora_
 from llm_dist.model.transformer import Transformer
 from llm_dist.parallel.ac import apply_activation_checkpointing
 
@@ -95,6 +101,8 @@ def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype, froze
         if name not in params:
             raise KeyError(f"cannot freeze {name!r}: the model has no such parameter")
         params[name].requires_grad_(False)
+    if cfg.model.lora.rank:  # before AC, compile and sharding, like every other change to the module tree
+        apply_lora(model, cfg.model.lora)
     model.loss_impl, model.loss_chunk_size = cfg.loss.impl, cfg.loss.chunk_size  # read by Transformer.lm_loss
     apply_activation_checkpointing(model.blocks, cfg.parallel)
     sharded = strategy in ("fsdp", "hsdp")
@@ -115,7 +123,9 @@ def build_parallel_model(cfg: Config, rt: Runtime, amp_dtype: torch.dtype, froze
         apply_fsdp(model, mesh, param_dtype, _DTYPES[cfg.parallel.reduce_dtype], cfg.parallel.reshard_after_forward,
                    cfg.parallel.cpu_offload)
     model.to_empty(device="cpu" if cfg.parallel.cpu_offload else rt.device)
-    model.init_weights(generator=torch.Generator().manual_seed(cfg.train.seed))
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    model.init_weights(generator=gen)
+    init_lora_(model, gen)  # LoRA: A random, B = 0 (a no-op without adapters)
     if strategy == "ddp":
         module: nn.Module = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                 bucket_cap_mb=cfg.parallel.ddp_bucket_mb)

@@ -23,7 +23,7 @@ from llm_dist.tokenizer import Tokenizer
 def load_reward_model(path: str, device: torch.device) -> tuple[nn.Module, Tokenizer]:
     """(frozen reward model on `device` in eval mode, its tokenizer) from a checkpoint or run dir."""
     from llm_dist.checkpoint import load_checkpoint_tokenizer
-    from llm_dist.checkpoint.manager import load_checkpoint_weights
+    from llm_dist.lora_checkpoint import load_weights
     from llm_dist.model.transformer import build_model
     from llm_dist.stages import checkpoint_model_config, resolve_checkpoint_url
 
@@ -33,7 +33,7 @@ def load_reward_model(path: str, device: torch.device) -> tuple[nn.Module, Token
         raise ConfigError(f"rl.reward_model {path}: {url} is not a reward model (its model has no score head; "
                           "train one with launch/reward.py)")
     model = build_model(mcfg, "cpu")
-    load_checkpoint_weights(model, url)
+    load_weights(model, url)  # a LoRA reward model: its recorded base, then the adapters
     return model.to(device).eval().requires_grad_(False), load_checkpoint_tokenizer(url)
 
 

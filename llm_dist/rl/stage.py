@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from llm_dist import distributed as D
-from llm_dist.config import Config, ConfigError
+from llm_dist.config import Config, ConfigError, LoRAConfig
 from llm_dist.distributed import world_size_from_env
 from llm_dist.model.transformer import build_model, model_summary
 from llm_dist.parallel import build_parallel_model
@@ -61,7 +61,8 @@ class RLTrainer(Trainer):
 def build_reference(cfg: Config, url: str | None, device: torch.device) -> nn.Module:
     """The frozen reference policy (bare, unsharded, eval mode, no gradients): the init checkpoint's weights,
     or, without one, the same seeded initialisation the policy got (so it is the initial policy either way)."""
-    mcfg = dataclasses.replace(cfg.model, score_head=False)  # the value head is not part of the policy
+    # The value head is not part of the policy; nor are LoRA adapters (zero at the start: the reference is the base).
+    mcfg = dataclasses.replace(cfg.model, score_head=False, lora=LoRAConfig())
     if url is None:
         ref = build_model(mcfg, "cpu", seed=cfg.train.seed)
     else:
@@ -114,7 +115,7 @@ def run_rl(cfg: Config, algo: str) -> RunResult:
         task = get_task(r.task, r.task_level, r.task_seed, r.data_dir)
     except (ValueError, OSError) as e:  # unknown task, missing GSM8K files: one line
         raise ConfigError(f"rl.task: {e}") from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = algo == "ppo"  # PPO's value head shares the policy's backbone
         tok, init_url = setup_chat_model(cfg, r.init_from)

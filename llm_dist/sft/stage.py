@@ -41,7 +41,7 @@ def main(cfg: Config) -> RunResult:
         train_convs, eval_convs = split_conversations(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         tok, init_url = setup_chat_model(cfg, cfg.sft.init_from, switch_format=True)
         t, s, fmt = cfg.train, cfg.sft, chat_format(cfg.chat.template)

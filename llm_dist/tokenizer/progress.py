@@ -12,6 +12,18 @@ import time
 from typing import TextIO
 
 
+def format_eta(fraction: float, elapsed_s: float) -> str:
+    """Time left at the average rate so far, as "42s", "3m05s" or "1h02m" ("?" before any progress)."""
+    if fraction <= 0 or elapsed_s <= 0:
+        return "?"
+    left = max(elapsed_s * (1.0 - min(fraction, 1.0)) / fraction, 0.0)
+    if left < 60:
+        return f"{left:.0f}s"
+    if left < 3600:
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
+    return f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m"
+
+
 class Progress:
     """`with Progress("merges", total=n) as bar: ... bar.update(k)`; `enabled=False` makes it silent."""
 

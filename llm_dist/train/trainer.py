@@ -135,6 +135,8 @@ class Trainer:
         self.stop_agreed = False
         # Called right before parameters/optimizer state change (e.g. wait for an async checkpoint's copy).
         self.pre_step_hooks: list[Callable[[], None]] = []
+        # LoRA: {url, fingerprint} of the frozen base, recorded in every checkpoint's meta.json (set on opening).
+        self.lora_base: dict | None = None
 
     # ------------------------------------------------------------------------------------------- step
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -299,7 +301,8 @@ class Trainer:
         """Model + optimizer state for DCP (sharded under FSDP, bare parameter names)."""
         from llm_dist.checkpoint.sharded import model_optim_state
 
-        return model_optim_state(self.raw_model, self.optimizer)
+        # LoRA: only the parameters that train (adapters) and their optimizer state; the base is referenced.
+        return model_optim_state(self.raw_model, self.optimizer, trainable_only=self.cfg.model.lora.rank > 0)
 
     def train_state(self) -> dict:
         """The small JSON-able part: counters and the grad scaler."""

@@ -2,7 +2,8 @@
 complete; a job sent `scancel --signal=USR1` mid-run saves, requeues itself and finishes with the parameters
 of an uninterrupted run; a bad config fails the job with the config error in its output file.
 
-Needs a cluster: CI starts a one-node one with `tools/ci/slurm_up.sh` and sets LLM_DIST_SLURM=1. Without the
+Needs a cluster: CI starts one with `tools/ci/slurm_up.sh` (2 nodes; these jobs use one, tests/multinode
+both) and sets LLM_DIST_SLURM=1. Without the
 variable these tests are skipped; with it, a cluster that does not answer is a failure, not a skip.
 """
 

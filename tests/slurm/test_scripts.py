@@ -70,13 +70,14 @@ def test_torchrun_command_one_task_per_node(fake):
     cmd = build_cmd(fake, "pretrain", "configs/debug.yaml", "optim.lr=1e-3", "out_dir=mine")
     assert cmd[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=64",
                        "--kill-on-bad-exit=1"]
-    i = cmd.index("torch.distributed.run")
+    i = cmd.index("llm_dist.torchrun")  # torchrun, with an unreachable rendezvous as one line
     assert cmd[i - 1] == "-m" and cmd[i - 2] == "python3"
     # first host of gpu[003-004] (from scontrol), port 20000 + 123456 % 20000, the job id as rendezvous id
-    assert cmd[i + 1:i + 7] == ["--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d",
-                                "--rdzv-endpoint=gpu003:23456", "--rdzv-id=123456", "--max-restarts=0"]
+    assert cmd[i + 1:i + 8] == ["--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d",
+                                "--rdzv-endpoint=gpu003:23456", "--rdzv-id=123456", "--max-restarts=0",
+                                "--rdzv-conf=read_timeout=60,join_timeout=600"]
     # the stage with the config, the run directory, then the user's overrides (the last out_dir wins)
-    assert cmd[i + 7:] == [f"{REPO}/launch/pretrain.py", "--config", "configs/debug.yaml", "out_dir=runs/x",
+    assert cmd[i + 8:] == [f"{REPO}/launch/pretrain.py", "--config", "configs/debug.yaml", "out_dir=runs/x",
                            "optim.lr=1e-3", "out_dir=mine"]
     assert "scontrol show hostnames gpu[003-004]" in calls(fake)
     assert fake["_MASTER"] == ":"  # torchrun sets the workers' master itself
@@ -99,7 +100,7 @@ def test_srun_command_one_task_per_rank(fake):
     cmd = build_cmd(fake, "sft", "configs/sft_gsm8k.yaml")
     assert cmd[:7] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--cpus-per-task=8",
                        "--kill-on-bad-exit=1", "python3"]
-    assert cmd[7:10] == ["-u", f"{REPO}/launch/sft.py", "--config"] and "torch.distributed.run" not in cmd
+    assert cmd[7:10] == ["-u", f"{REPO}/launch/sft.py", "--config"] and "llm_dist.torchrun" not in cmd
     assert fake["_MASTER"] == "gpu003:23456"  # the first host and the job's port, for every rank
 
 
