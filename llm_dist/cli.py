@@ -137,6 +137,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command("llm_dist.pretrain:main", "stage", "pretrain a decoder-only transformer"),
     "sft": Command("llm_dist.sft.stage:main", "stage", "supervised fine-tuning on chat-formatted JSONL"),
     "reward": Command("llm_dist.reward.stage:main", "stage", "train a reward model on preference pairs"),
+    "dpo": Command("llm_dist.align.stage:main", "stage", "DPO / IPO / hinge / SimPO on preference pairs"),
     "ppo": Command("llm_dist.rl.stage:ppo_main", "stage", "PPO from an SFT checkpoint"),
     "grpo": Command("llm_dist.rl.stage:main", "stage", "GRPO from an SFT (or pretraining) checkpoint"),
     "generate": Command("llm_dist.sample:main", "tool", "sample text from a checkpoint"),

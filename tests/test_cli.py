@@ -43,7 +43,7 @@ def _leaf_fields(cls, prefix=""):
             yield f"{prefix}{f.name}", f, cls
 
 
-@pytest.mark.parametrize("launcher", ["pretrain", "sft", "reward", "ppo", "grpo"])
+@pytest.mark.parametrize("launcher", ["pretrain", "sft", "reward", "ppo", "grpo", "dpo"])
 def test_help_lists_every_key_with_default_and_comment(launcher, capsys, monkeypatch):
     """README: `launch/<stage>.py --help` prints every config key, its default and its one-line meaning."""
     import ast

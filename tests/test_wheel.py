@@ -69,7 +69,7 @@ def test_wheel_carries_its_files_and_runs_the_debug_config_from_elsewhere(instal
     for f in ("configs/debug.yaml", "assets/gpt2_bpe/gpt2.tiktoken", "assets/gpt2_bpe/LICENSE.whisper-MIT",
               "assets/tinyshakespeare/input.txt", "assets/tinyshakespeare/README.md"):
         assert (site / f).is_file(), f"the wheel lacks llm_dist/{f}"
-    for command in ("pretrain", "sft", "reward", "ppo", "grpo", "generate", "evaluate", "prepare", "tokenizer",
+    for command in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "generate", "evaluate", "prepare", "tokenizer",
                     "checkpoint"):
         assert f"  {command} " in out, out
     assert (installed / "llm-dist").is_file()  # the console script; it runs the commands below

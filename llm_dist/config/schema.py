@@ -289,6 +289,27 @@ class RewardConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO and its variants (launch/dpo.py): the policy trained on preference pairs against a frozen reference."""
+
+    init_from: str = ""  # SFT/pretrain checkpoint (or run dir) for the policy and the frozen reference; "" = random init
+    data: str = ""  # training JSONL of preference pairs, the rows reward.data reads
+    eval_data: str = ""  # held-out JSONL; "" = hold out dpo.eval_fraction of dpo.data
+    eval_fraction: float = 0.05  # share of dpo.data held out when dpo.eval_data is ""
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo (length-averaged logps) | hinge | simpo (reference-free, length-averaged)
+    beta: float = 0.1  # sigmoid/hinge: DPO beta (~0.1); ipo: tau of IPO (~0.1-1); simpo: beta of SimPO (~2)
+    label_smoothing: float = 0.0  # sigmoid/simpo: probability a label is flipped (conservative DPO), in [0, 0.5)
+    simpo_gamma: float = 0.5  # simpo: target reward margin gamma, subtracted inside the sigmoid
+    rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to each pair's loss (RPO); 0 = off
+    precompute_ref: bool = False  # reference log-probs in one pass before training, then the reference is freed
+    eval_pairs: int = 0  # held-out pairs per evaluation (0 = all)
+    eval_examples: int = 0  # held-out prompts decoded greedily per evaluation, exact match against the chosen reply (0 = none)
+    eval_batch_size: int = 64  # prompts per generate call in the exact-match evaluation
+    max_new_tokens: int = 64  # generation budget of the exact-match evaluation
+    answer: str = "exact"  # exact-match compares: exact (whole reply) | gsm8k (the number after ####) | last_number
+
+
+@dataclass
 class PPOConfig:
     """PPO (launch/ppo.py): policy + value head; tasks and sampling from rl.*; train.batch_size = samples per rollout."""
 
@@ -335,6 +356,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self, world_size: int = 1) -> "Config":

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import difflib
 
-from llm_dist.config.schema import (ChatConfig, Config, ConfigError, LossConfig, ModelConfig, PPOConfig, ProfileConfig,
-                                    RewardConfig, RLConfig, SFTConfig)
+from llm_dist.config.schema import (ChatConfig, Config, ConfigError, DPOConfig, LossConfig, ModelConfig, PPOConfig,
+                                    ProfileConfig, RewardConfig, RLConfig, SFTConfig)
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -233,6 +233,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_rl(cfg.rl)
     _validate_reward(cfg.reward)
     _validate_ppo(cfg.ppo)
+    _validate_dpo(cfg.dpo)
     _validate_loss(cfg.loss, m)
 
 
@@ -329,3 +330,25 @@ def _validate_ppo(p: PPOConfig) -> None:
     _positive("ppo.vf_coef", p.vf_coef, allow_zero=True)
     _positive("ppo.epochs", p.epochs)
     _positive("ppo.num_minibatches", p.num_minibatches)
+
+
+def _validate_dpo(d: DPOConfig) -> None:
+    """dpo.* invariants (checked for every stage; the defaults are valid)."""
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"dpo.eval_fraction: expected a value in [0, 1), got {d.eval_fraction}")
+    _choice("dpo.loss", d.loss, ("sigmoid", "ipo", "hinge", "simpo"))
+    _positive("dpo.beta", d.beta)
+    if not 0.0 <= d.label_smoothing < 0.5:  # 0.5 makes chosen and rejected interchangeable: no signal
+        raise ConfigError(f"dpo.label_smoothing: expected a value in [0, 0.5), got {d.label_smoothing}")
+    if d.label_smoothing and d.loss not in ("sigmoid", "simpo"):
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing} applies to dpo.loss=sigmoid or simpo, "
+                          f"not {d.loss}")
+    _positive("dpo.simpo_gamma", d.simpo_gamma, allow_zero=True)
+    _positive("dpo.rpo_alpha", d.rpo_alpha, allow_zero=True)
+    if d.precompute_ref and d.loss == "simpo":
+        raise ConfigError("dpo.precompute_ref=true: dpo.loss=simpo uses no reference model")
+    _choice("dpo.answer", d.answer, ("exact", "gsm8k", "last_number"))
+    _positive("dpo.eval_pairs", d.eval_pairs, allow_zero=True)
+    _positive("dpo.eval_examples", d.eval_examples, allow_zero=True)
+    _positive("dpo.eval_batch_size", d.eval_batch_size)
+    _positive("dpo.max_new_tokens", d.max_new_tokens)

@@ -17,7 +17,10 @@ assistant), so a reward model sees its input exactly as the chat policy writes i
 Sequences longer than the context keep their *last* tokens (the response and the token scored).
 Batches: B pairs per global batch, rank r takes its contiguous share; a micro-batch of m pairs is
 (x (2m, T): chosen rows then rejected rows, right-padded; y (m,): 0, or IGNORE_INDEX for padding pairs
-so the trainer counts pairs; last (2m,): index of each row's last token; margin (m,)).
+so the trainer counts pairs; last (2m,): index of each row's last token; margin (m,)). With `targets`
+(the DPO stage, `llm_dist.align`) two more: tgt (2m, T), the next token at each position that predicts a
+response token (the response and its <|end|>), IGNORE_INDEX on the prompt and the padding; ref (2m,),
+each row's reference log-prob when precomputed (`TokenPair.ref`), else 0.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ class TokenPair:
     chosen: list[int]
     rejected: list[int]
     margin: float
+    chosen_start: int = 0  # index of the chosen response's first token in `chosen` (after any truncation)
+    rejected_start: int = 0  # the same in `rejected`
+    ref: tuple[float, float] | None = None  # precomputed reference log-probs (chosen, rejected); DPO only
 
     @property
     def length(self) -> int:  # for SFTLoader's ordering helpers
@@ -151,14 +157,18 @@ def sequence(tok: Tokenizer, prompt: list[dict], response: str, fmt: ChatFormat 
 def tokenize_pairs(tok: Tokenizer, pairs: Sequence[Pair], seq_len: int, margin: float,
                    fmt: ChatFormat = PROJECT) -> tuple[list[TokenPair], int]:
     """Tokenise in chat format `fmt`; sequences over seq_len keep their last seq_len tokens. Returns (pairs,
-    truncated count)."""
+    truncated count).
+
+    Each TokenPair also records where its responses start (the prompt's length, less what truncation cut).
+    """
     out, cut = [], 0
     for p in pairs:
+        n_prompt = len(fmt.prompt_ids(tok, p.prompt))
         c, r = sequence(tok, p.prompt, p.chosen, fmt), sequence(tok, p.prompt, p.rejected, fmt)
         if len(c) > seq_len or len(r) > seq_len:
             cut += 1
-            c, r = c[-seq_len:], r[-seq_len:]
-        out.append(TokenPair(c, r, margin if p.margin is None else p.margin))
+        cs, rs = max(n_prompt - max(len(c) - seq_len, 0), 0), max(n_prompt - max(len(r) - seq_len, 0), 0)
+        out.append(TokenPair(c[-seq_len:], r[-seq_len:], margin if p.margin is None else p.margin, cs, rs))
     return out, cut
 
 
@@ -171,14 +181,31 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return x, torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
 
 
-def pair_tensors(pairs: Sequence[TokenPair | None], pad_id: int) -> tuple[torch.Tensor, ...]:
+def response_targets(x: torch.Tensor, starts: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Targets tgt (n, T) of right-padded rows x (n, T): tgt[i, t] = x[i, t + 1] where that token belongs to
+    the response (starts[i] <= t + 1 <= last[i]), IGNORE_INDEX elsewhere (prompt, padding, the last column)."""
+    n, T = x.shape
+    nxt = torch.arange(1, T + 1)[None, :]  # (1, T) index of the token each position predicts
+    keep = (nxt >= starts.clamp(min=1)[:, None]) & (nxt <= last[:, None])  # token 0 has no predicting position
+    tgt = torch.full_like(x, IGNORE_INDEX)
+    tgt[:, :-1] = x[:, 1:]
+    return tgt.masked_fill(~keep, IGNORE_INDEX)
+
+
+def pair_tensors(pairs: Sequence[TokenPair | None], pad_id: int, targets: bool = False) -> tuple[torch.Tensor, ...]:
     """(x (2m, T), y (m,), last (2m,), margin (m,)) of m pairs; None = a padding pair (y = IGNORE_INDEX, its
-    rows a single pad token)."""
+    rows a single pad token). With `targets`, also (tgt (2m, T), ref (2m,)) (see the module docstring)."""
     pad = [pad_id]
     x, last = right_pad([p.chosen if p else pad for p in pairs] + [p.rejected if p else pad for p in pairs], pad_id)
     y = torch.tensor([IGNORE_INDEX if p is None else 0 for p in pairs], dtype=torch.long)
     margin = torch.tensor([0.0 if p is None else p.margin for p in pairs])
-    return x, y, last, margin
+    if not targets:
+        return x, y, last, margin
+    # a padding pair's start past its last token: no targets at all
+    starts = torch.tensor([p.chosen_start if p else 1 for p in pairs] + [p.rejected_start if p else 1 for p in pairs])
+    ref = torch.tensor([p.ref[0] if p and p.ref else 0.0 for p in pairs] + [p.ref[1] if p and p.ref else 0.0
+                                                                           for p in pairs], dtype=torch.float32)
+    return x, y, last, margin, response_targets(x, starts, last), ref
 
 
 class PairLoader(SFTLoader):
@@ -186,12 +213,15 @@ class PairLoader(SFTLoader):
     rank r's contiguous share of each global batch, one global position for exact resume on any world size."""
 
     def __init__(self, pairs: Sequence[TokenPair], batch_size: int, micro_batch_size: int, rank: int,
-                 world_size: int, *, seed: int = 0, pad_id: int = 0, device: torch.device | str = "cpu") -> None:
+                 world_size: int, *, seed: int = 0, pad_id: int = 0, device: torch.device | str = "cpu",
+                 targets: bool = False) -> None:
         super().__init__(pairs, 0, batch_size, micro_batch_size, rank, world_size, seed=seed, pack=False,
                          pad_id=pad_id, device=device)
+        self.targets = targets  # batches carry the response targets and reference log-probs (DPO)
 
     def _tensors(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(self.device) for t in pair_tensors([self.examples[r[0]] for r in rows], self.pad_id))
+        return tuple(t.to(self.device) for t in pair_tensors([self.examples[r[0]] for r in rows], self.pad_id,
+                                                             self.targets))
 
     def eval_batches(self, pairs: Sequence[TokenPair], max_rows: int = 0) -> list[list[tuple[torch.Tensor, ...]]]:
         """Held-out pairs (file order) as global batches of this rank's micro-batches; the last batch is
@@ -203,7 +233,7 @@ class PairLoader(SFTLoader):
         out = []
         for s in range(0, len(items), B):
             mine = items[s + self.rank * per_rank: s + (self.rank + 1) * per_rank]
-            out.append([tuple(t.to(self.device) for t in pair_tensors(mine[i:i + mb], self.pad_id))
+            out.append([tuple(t.to(self.device) for t in pair_tensors(mine[i:i + mb], self.pad_id, self.targets))
                         for i in range(0, len(mine), mb)])
         return out
 

@@ -6,7 +6,8 @@ trainer with `RewardLoss` (the summed pair losses divided by the global number o
 optimizer, counters, RNG, the loader's position) -> `fit` with held-out pairwise accuracy -> checkpoints.
 
 Logged per step (over all ranks): loss, accuracy (share of pairs ranked right), margin (mean r_c - r_r),
-reward_chosen / reward_rejected; per evaluation the same on the held-out pairs (val/...).
+reward_chosen / reward_rejected; per evaluation the same on the held-out pairs (val/...), also at step 0
+(before the first update) on a fresh start.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def main(cfg: Config) -> RunResult:
         D.print0(f"{rt.world_size} rank(s) on {rt.device}, strategy {pm.strategy}; {model_summary(pm.model)}")
         loss = RewardLoss(r.loss, r.center_coef)
         trainer = Trainer(cfg, rt, pm, loss_fn=loss, amp_dtype=amp_dtype)
-        ckpt, _ = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]), init_url,
-                                   tokenizer=tok)
+        ckpt, resumed = open_checkpoints(cfg, trainer, out_dir, lambda ts: loader.load_state_dict(ts["loader"]),
+                                         init_url, tokenizer=tok)
         write_run_config(cfg, out_dir)
         logger = MetricsLogger(out_dir, cfg.logging, cfg.to_dict(), enabled=rt.is_main)
         throughput = stage_throughput(cfg, rt, pm.model, amp_dtype, seq_len)
@@ -78,5 +79,7 @@ def main(cfg: Config) -> RunResult:
             out.update({f"val/{k}": v for k, v in loss.step_stats(rt.device).items()})
             return out
 
+        if resumed is None and eval_batches:  # the starting point (a fresh head), for before/after comparisons
+            logger.log(0, evaluate(), prefix="eval  ")
         return run_fit(trainer, loader, ckpt, logger, "reward", out_dir, save, throughput=throughput,
                        evaluate=evaluate if eval_batches else None, seq_len=seq_len)

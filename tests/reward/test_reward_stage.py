@@ -43,9 +43,12 @@ def test_reward_model_learns_resumes_and_two_ranks_equal_one(pairs, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 17))
     for key in ("loss", "margin", "reward_chosen", "reward_rejected", "grad_norm"):
         assert key in steps[-1], key
-    ev = [r for r in m if "val/accuracy" in r][-1]
+    evals = [r for r in m if "val/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 16]  # held-out metrics before the first step, then per interval
+    assert set(evals[0]) == set(evals[1])
+    ev = evals[-1]
     assert ev["val/accuracy"] == 1.0 and ev["val/margin"] > 0.5  # "yes yes" beats "no" on held-out pairs
-    assert ev["val/loss"] < steps[0]["loss"]
+    assert ev["val/loss"] < steps[0]["loss"] and ev["val/loss"] < evals[0]["val/loss"]
 
     common = ("train.max_steps=4", "checkpoint.interval=2")
     run_launcher(_args(pairs, tmp_path / "a", *common))

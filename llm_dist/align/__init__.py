@@ -1,0 +1,1 @@
+"""Preference alignment of a policy without a reward model: DPO and its variants (IPO, hinge, SimPO)."""
