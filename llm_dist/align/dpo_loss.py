@@ -30,6 +30,8 @@ so any split over ranks and micro-batches gives the loss of one process on the w
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,13 +87,13 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
 class DPOLoss:
     """`loss_fn(model, batch)` for the trainer; batch = (x (2m, T), y (m,), last, margin, tgt (2m, T), ref (2m,))
     from `PairLoader(targets=True)`: chosen rows then rejected rows. The reference log-probs come from
-    `reference` (a frozen module, run without gradients on the same rows) or, when it is None, from the
+    `reference` (a frozen module, or the LoRA policy with its adapters off, run without gradients on the same rows) or, when it is None, from the
     batch's precomputed `ref` (ignored for simpo). Keeps the step's sums for `step_stats` and evaluation."""
 
     STATS = ("correct", "margin", "r_chosen", "r_rejected", "logp_chosen", "logp_rejected", "pairs")
 
     def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
-                 reference: nn.Module | None = None, rpo_alpha: float = 0.0) -> None:
+                 reference: Callable[[torch.Tensor], torch.Tensor] | None = None, rpo_alpha: float = 0.0) -> None:
         self.kind, self.beta, self.label_smoothing, self.gamma = kind, beta, label_smoothing, gamma
         self.rpo_alpha = rpo_alpha
         self.reference = reference

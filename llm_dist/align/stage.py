@@ -3,7 +3,8 @@
 `main(cfg)` follows the reward stage's wiring: runtime -> chat tokenizer -> pairs (the rows the reward stage
 reads: prompt/chosen/rejected, prompt as messages, HH transcripts split at their common prefix) -> policy
 (architecture and weights from `dpo.init_from`) -> frozen reference (`llm_dist.align.reference`: sharded
-like the policy, or precomputed once and freed; none for the reference-free simpo) -> trainer with
+like the policy, or precomputed once and freed; with LoRA the policy itself with its adapters switched off;
+none for the reference-free simpo) -> trainer with
 `DPOLoss` (summed pair losses over the global number of pairs) -> resume (policy, optimizer, counters, RNG,
 the loader's position; the reference is rebuilt from the init weights or its cached log-probs read back)
 -> `fit` with held-out metrics at step 0 and every evaluation -> checkpoints.
@@ -22,6 +23,7 @@ from llm_dist import distributed as D
 from llm_dist.align.dpo_loss import REFERENCE_FREE, DPOLoss
 from llm_dist.align.reference import build_reference, precompute_reference
 from llm_dist.config import Config, ConfigError
+from llm_dist.model.lora import AdaptersOff
 from llm_dist.model.transformer import model_summary
 from llm_dist.parallel import build_parallel_model
 from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
@@ -47,7 +49,7 @@ def main(cfg: Config) -> RunResult:
         train_pairs, eval_pairs = split_pairs(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads) as rt:
+    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
         out_dir = Path(cfg.out_dir)
         d, t, fmt = cfg.dpo, cfg.train, chat_format(cfg.chat.template)
         cfg.model.score_head = False  # a policy: the LM head only
@@ -74,6 +76,9 @@ def main(cfg: Config) -> RunResult:
         elif d.precompute_ref:
             how = "log-probs " + precompute_reference(cfg, rt, amp_dtype, init_url, out_dir,
                                                       {"train": train_tp, "eval": eval_tp}, end_id, trainer.autocast)
+        elif cfg.model.lora.rank > 0:  # the frozen base is the reference: the policy with its adapters off
+            loss.reference = AdaptersOff(pm.model)
+            how = f"the policy with its LoRA adapters switched off ({init_url}; no second copy)"
         else:
             loss.reference = build_reference(cfg, rt, amp_dtype, init_url)
             how = f"frozen copy of {init_url or 'the seeded init'}, sharded like the policy"

@@ -16,6 +16,9 @@ before activation checkpointing, compile and sharding. Parameter names of the ba
 Every other parameter gets requires_grad=False except a scalar head (`score_head`, the reward model's score
 or PPO's value), which a fine-tuning stage starts fresh and must train.
 
+`AdaptersOff(model)` calls the model with every adapter switched off, i.e. the frozen base: a fine-tuning
+stage's reference policy (DPO) at no extra memory, instead of a second copy of the weights.
+
 `merge_lora_` folds W <- W + (alpha / r) B A in place and turns the layers back into plain `nn.Linear`s:
 the export is an ordinary model with the adapted model's outputs.
 """
@@ -23,6 +26,8 @@ the export is an ordinary model with the adapted model's outputs.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -59,9 +64,12 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=dev, dtype=dt))  # (out, r)
         self.rank, self.scaling = rank, alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters_on = True  # False inside `adapters_off`: the layer is its frozen base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out): the frozen base
+        if not self.adapters_on:
+            return y
         # Low rank first: x A^T is (..., r), so the update costs O(r (in + out)) per token, never in x out.
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
@@ -108,6 +116,33 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within the block every LoRA layer of `model` computes its base alone (under compile the flag is a
+    guard: the base graph is compiled once more, then both are cached)."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.adapters_on = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapters_on = True
+
+
+class AdaptersOff:
+    """`model` called with its adapters switched off: the base model, which is the initial policy of a LoRA
+    fine-tune (B starts at 0) and stays so (the base is frozen). Used as DPO's reference with no second copy
+    of the weights; call it under no_grad (the sharded/DDP-wrapped policy runs as a plain forward then)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with adapters_off(self.model):
+            return self.model(*args, **kwargs)
 
 
 def init_lora_(model: nn.Module, generator: torch.Generator | None = None) -> None:

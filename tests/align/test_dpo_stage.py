@@ -111,3 +111,26 @@ def test_simpo_needs_no_reference_and_bad_smoothing_is_one_line(pairs, tmp_path)
     p = run_launcher(_args(pairs, tmp_path / "bad", "dpo.label_smoothing=0.5"), check=False)
     assert p.returncode == 2 and "dpo.label_smoothing" in p.stderr and "[0, 0.5)" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_dpo_with_lora_reference_is_the_policy_with_adapters_off(pairs, live, tmp_path):
+    """LoRA DPO: the reference is the policy with its adapters switched off (no copy). At step 1 the policy is
+    the base (B = 0), so rewards are exactly 0; afterwards the losses equal a run whose reference is a separate
+    precomputed copy of the base, and the checkpoint holds only adapters."""
+    common = ["train.max_steps=3", f"dpo.init_from={live}", "model.lora.rank=4", "model.lora.alpha=8",
+              "model.lora.targets=wq,wv,up,down"]
+    p = run_launcher(_args(pairs, tmp_path / "off", *common))
+    assert "adapters switched off" in p.stdout
+    run_launcher(_args(pairs, tmp_path / "copy", *common, "dpo.precompute_ref=true"))
+    off = [r for r in read_metrics(tmp_path / "off") if "rewards/chosen" in r and "loss" in r]
+    cp = [r for r in read_metrics(tmp_path / "copy") if "rewards/chosen" in r and "loss" in r]
+    assert off[0]["rewards/chosen"] == 0.0 and off[0]["rewards/rejected"] == 0.0
+    assert len(off) == len(cp) == 3
+    for a, b in zip(off, cp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["rewards/margins"] - b["rewards/margins"]) <= 1e-6
+    assert off[-1]["rewards/margins"] != 0.0  # the adapters trained
+    from llm_dist.checkpoint.tools import read_dcp_metadata
+
+    ck = tmp_path / "off" / "checkpoints" / "step_00000003"
+    keys = [k for k in read_dcp_metadata(str(ck)).state_dict_metadata if k.startswith("model.")]
+    assert keys and all(".lora_" in k for k in keys)  # an adapter-only checkpoint
