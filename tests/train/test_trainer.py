@@ -222,3 +222,33 @@ def test_compiled_loss_alone_matches_eager(inductor_cache, monkeypatch) -> None:
     fused.loss_impl = "fused"
     fused.compile_loss()
     assert fused._compiled_head_loss is None
+
+
+@pytest.mark.slow
+def test_compiled_lora_model_matches_eager_and_its_adapters_off_view(inductor_cache, monkeypatch) -> None:
+    """train.compile with model.lora: same loss and adapter gradients as eager, base frozen in both, and the
+    adapters-off view (DPO's reference) is the base under compile too (a second graph, not a wrong one)."""
+    from llm_dist.model.lora import AdaptersOff, lora_layers
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
+    lora = {"model.lora.rank": "4", "model.lora.alpha": "8", "model.lora.targets": "wq,wv,up,down"}
+    eager, compiled = _trainer(_cfg(**lora)), _trainer(_cfg(**lora, **{"train.compile": "true"}))
+    compiled.raw_model.load_state_dict(eager.raw_model.state_dict())
+    for layer in lora_layers(eager.raw_model) + lora_layers(compiled.raw_model):  # B != 0: adapters matter
+        torch.nn.init.normal_(layer.lora_B, std=0.02, generator=torch.Generator().manual_seed(layer.in_features))
+    g_eager, g_compiled = _capture_grads(eager), _capture_grads(compiled)
+    x, y = _batch(0)
+    le = eager.train_step([(x, y)])["loss"]
+    lc = compiled.train_step([(x, y)])["loss"]
+    assert lc == pytest.approx(le, rel=1e-5)
+    assert g_eager and set(g_eager) == set(g_compiled) and all(".lora_" in n for n in g_eager)  # adapters only
+    scale = max(g.abs().max().item() for g in g_eager.values())
+    for n, g in g_eager.items():
+        assert torch.allclose(g_compiled[n], g, rtol=0, atol=1e-5 * scale), n
+    with torch.no_grad():
+        on = compiled.model(x)
+        off = AdaptersOff(compiled.model)(x)
+        base = _trainer(_cfg()).raw_model
+        base.load_state_dict({k: v for k, v in compiled.raw_model.state_dict().items() if ".lora_" not in k})
+        torch.testing.assert_close(off, base(x), atol=1e-5, rtol=1e-5)
+        assert (on - off).abs().max() > 1e-4  # the adapters were on outside the view
