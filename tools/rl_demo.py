@@ -65,8 +65,13 @@ def plot(metrics: list[dict], path: Path, title: str, algo: str = "GRPO") -> Non
     ax.plot(xs, smooth, color="tab:blue", label=f"train reward ({k}-step mean)")
     ax.plot([m["step"] for m in evals], [m["val/accuracy"] for m in evals], "o-", color="tab:red",
             label="held-out accuracy (greedy)")
-    ax.set_xlabel(f"{algo} step")
-    ax.set_ylabel("reward / accuracy")
+    _finish(fig, ax, path, title, f"{algo} step", "reward / accuracy")
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:  # noqa: ANN001 - matplotlib
+    """Axes on [0, 1] with grid, legend and title; the figure written to `path`."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -115,14 +120,7 @@ def plot_dpo(metrics: list[dict], path: Path, title: str) -> None:
             label="held-out rewards/accuracies")
     ax.plot([m["step"] for m in evals], [m["val/exact_match"] for m in evals], "o-", color="tab:red",
             label="held-out accuracy (greedy exact match)")
-    ax.set_xlabel("DPO step")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _finish(fig, ax, path, title, "DPO step", "accuracy")
 
 
 def run_dpo(out: Path, sft_dir: Path, a: argparse.Namespace) -> dict:
