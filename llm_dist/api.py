@@ -7,12 +7,18 @@
 The config is checked exactly as `llm-dist <stage>` checks it; errors are raised (ConfigError, DataPrepError,
 ... with the same one-line messages) rather than turned into exit codes. A stage that stopped early says so
 in `result.exit_code` (0 finished, 75 stopped by a signal after saving, 3 halted on NaN/Inf).
+
+A stage sets process-wide torch switches for its run (anomaly detection, deterministic algorithms, the CPU
+thread count, TF32); `train` puts them back afterwards, so the rest of a notebook session runs as before.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
 
 from llm_dist.cli import COMMANDS, check_config
 from llm_dist.config import Config, apply_override, load_config
@@ -26,6 +32,23 @@ def config(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Co
     """A Config from a YAML file or a shipped config's name (`debug`, `configs/sft_gsm8k.yaml`) plus dotted
     `key=value` overrides, as `--config` and the command line give it. Not validated yet (`train` does)."""
     return load_config(path_or_name, list(overrides))
+
+
+@contextmanager
+def torch_switches_restored() -> Iterator[None]:
+    """Restore the process-wide torch settings a stage may change, however the block ends."""
+    anomaly, check_nan = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly, check_nan)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def train(cfg: Config | str | None = None, overrides: Sequence[str] = (), stage: str = "pretrain") -> RunResult:
@@ -46,6 +69,7 @@ def train(cfg: Config | str | None = None, overrides: Sequence[str] = (), stage:
         run_cfg = config(cfg, overrides)
     check_config(run_cfg)
     try:
-        return command.load()(run_cfg)
+        with torch_switches_restored():
+            return command.load()(run_cfg)
     finally:
         release_all()  # the run directory's lock, as `cli.run` does

@@ -28,6 +28,16 @@ def test_train_returns_the_run_dir_and_the_last_metrics(tmp_path: Path, prepared
     assert cfg.model.vocab_size == 0, "train() must not change the caller's Config"
 
 
+def test_train_puts_back_the_torch_switches_a_stage_sets(tmp_path: Path, prepared_byte_data: Path) -> None:
+    import torch
+
+    before = (torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    # debug.yaml turns anomaly detection on; deterministic and a thread count are asked for explicitly
+    train("debug", [f"data.dir={prepared_byte_data}", f"out_dir={tmp_path}", "train.max_steps=1",
+                    "eval.sample_tokens=0", "train.deterministic=true", "parallel.cpu_threads=1"])
+    assert (torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()) == before
+
+
 def test_train_from_a_name_with_overrides_and_its_errors(tmp_path: Path, prepared_byte_data: Path) -> None:
     result = train("configs/debug.yaml", [f"data.dir={prepared_byte_data}", f"out_dir={tmp_path}", *TINY,
                                           "train.max_steps=1"])

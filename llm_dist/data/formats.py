@@ -110,6 +110,8 @@ def detect_kind(url: str, head: bytes, size: int | None, decompressed: bytes | N
     body = decompressed if codec else head
     if ext in _TEXT_EXT:
         return "text"
+    if ext in _JSONL_EXT and codec is None:  # named JSONL: its reader reports a bad byte at its line and offset
+        return "jsonl"
     complete = size is not None and size <= len(head) and not codec
     if body is None or not _looks_like_text(body, complete):
         what = f"{codec}-compressed data that is not UTF-8 text" if codec else "binary data of unknown format"

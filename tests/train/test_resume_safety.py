@@ -104,7 +104,7 @@ def test_when_nothing_loads_the_run_stops_and_changes_nothing(base_run: Path, tm
     ("config.yaml", b"!!python/object/apply:os.system ['touch MARKER']\n", "config.yaml: not a plain YAML mapping"),
     ("llm_dist_tokenizer.json", b"\x00garbage{", "llm_dist_tokenizer.json: not valid JSON"),
     ("llm_dist_tokenizer.json", json.dumps({"spec": "byte", "fingerprint": "x", "file": "../../etc/passwd"}).encode(),
-     "'file' must be 'llm_dist_tokenizer.bpe.json'"),
+     "'file' must be one of 'llm_dist_tokenizer.bpe.json', 'hf_tokenizer.json'"),
     ("train_state.json", b"[]", "train_state.json: expected a JSON object"),
 ])
 def test_crafted_small_files_are_refused_by_name(base_run: Path, tmp_path: Path, prepared_byte_data: Path,
