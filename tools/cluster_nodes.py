@@ -136,6 +136,28 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def worker_processes(node: Node) -> list[psutil.Process]:
+    """The training processes torchrun started on `node` (they carry LOCAL_RANK; the agent does not)."""
+    out = []
+    for p in psutil.Process(node.proc.pid).children(recursive=True):
+        try:
+            if "LOCAL_RANK" in p.environ():
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def sigterm_pending(pid: int) -> bool:
+    """A SIGTERM was sent to (stopped) process `pid` and not yet delivered (/proc/PID/status pending masks)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    bit = 1 << (15 - 1)  # SIGTERM = 15; signal n is bit n-1 of the masks
+    return any(int(line.split()[1], 16) & bit for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:")))
+
+
 def lose_and_regain_node(cmd: list[str], out: Path, log_dir: Path, timeout: float = 120) -> dict:
     """The node-loss scenario: `cmd` (an elastic `--nnodes=1:2 --max-restarts=K` torchrun writing to `out`)
     on node0 and node1; node1 is lost (SIGKILL of all it started) while a checkpoint after step 2 is being
@@ -158,10 +180,21 @@ def lose_and_regain_node(cmd: list[str], out: Path, log_dir: Path, timeout: floa
         lost_at = max(losses(out))
         wait_for(lambda: "now 1)" in node0.log(), timeout, "node0 resuming alone", nodes)
         resumed_alone = int(re.findall(r"at step (\d+)", node0.log())[-1])
-        # A node joins: torchrun started again on node1 (node0 trains alone while it starts up).
+        # A node joins: torchrun started again on node1. A step takes ~0.1 s here and a torchrun start several
+        # seconds, so node0's worker is held (SIGSTOP) until its agent has seen node1 waiting and asked it to
+        # stop (SIGTERM pending): the regrouping then always lands mid-run, never after the last step.
         mark = len(node0.log())
-        node1 = start_node("node1", cmd, log_dir)
-        nodes = [node0, node1]
+        workers = worker_processes(node0)
+        for w in workers:
+            w.suspend()
+        try:
+            node1 = start_node("node1", cmd, log_dir)
+            nodes = [node0, node1]
+            wait_for(lambda: all(sigterm_pending(w.pid) for w in workers), timeout,
+                     "node0's agent to see node1 waiting", nodes)
+        finally:
+            for w in workers:
+                w.resume()
         wait_for(lambda: "now 2)" in node0.log()[mark:], timeout, "the group growing back to 2", nodes)
         grown_at = int(re.findall(r"at step (\d+)", node0.log())[-1])
         rcs = [node0.wait(2 * timeout), node1.wait(2 * timeout)]
