@@ -236,16 +236,11 @@ def shutdown(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_config(config: Mapping[str, Any]) -> dict[str, str]:
     """Nested config dict -> {"train.batch_size": "8", ...} (values as JSON text, comparable across ranks)."""
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value, sort_keys=True, default=str)
-    return flat
+    from llm_dist.config import flat_dict  # the config layer does not import this module: no cycle
+
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat_dict(config).items()}
 
 
 def config_differences(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:

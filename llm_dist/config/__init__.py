@@ -10,7 +10,7 @@ Layout: `schema.py` (the dataclasses), `loading.py` (YAML, presets, overrides, C
 `llm_dist.config`.
 """
 
-from llm_dist.config.loading import apply_dict, apply_override, help_text, load_config, parse_args
+from llm_dist.config.loading import apply_dict, apply_override, flat_dict, help_text, load_config, parse_args
 from llm_dist.config.schema import (AttnConfig, ChatConfig, CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig,
                                     LoggingConfig, LoRAConfig, LossConfig, ModelConfig, MoEConfig, OptimConfig,
                                     ParallelConfig, PPOConfig, ProfileConfig, RewardConfig, RLConfig,
@@ -21,4 +21,4 @@ from llm_dist.config.validation import layer_kinds, moe_layers, validate
 __all__ = ["AttnConfig", "ChatConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
            "LoRAConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PPOConfig", "ParallelConfig", "ProfileConfig",
            "RLConfig", "RewardConfig", "RopeScalingConfig", "SFTConfig", "TokenizerConfig", "TrainConfig", "apply_dict", "apply_override",
-           "help_text", "layer_kinds", "load_config", "moe_layers", "parse_args", "validate"]
+           "flat_dict", "help_text", "layer_kinds", "load_config", "moe_layers", "parse_args", "validate"]

@@ -11,7 +11,7 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -76,6 +76,17 @@ def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(valid)})")
+
+
+def flat_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"train.batch_size": 8, ...}: dotted keys, leaf values as they are."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def apply_dict(obj: Any, data: dict, prefix: str = "") -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llm_dist.config import ConfigError, ModelConfig
+from llm_dist.config import ConfigError, ModelConfig, flat_dict
 from llm_dist.model.hf_interop import (HFFormatError, model_config_from_hf, read_hf_config, read_hf_weights,
                                       state_dict_from_hf)
 from llm_dist.model.transformer import padded_vocab_size
@@ -124,8 +124,8 @@ def hf_state_dict(src: HFSource, block_size: int | None = None) -> dict[str, tor
 def check_model_conflicts(user: ModelConfig, hf: ModelConfig, where: str) -> None:
     """ConfigError naming every model.* key the user set (differs from the default) to a value other than the
     HF model's. FREE_MODEL_KEYS may differ (block_size only downwards)."""
-    base = _flat(dataclasses.asdict(ModelConfig()))
-    mine, theirs = _flat(dataclasses.asdict(user)), _flat(dataclasses.asdict(hf))
+    base = flat_dict(dataclasses.asdict(ModelConfig()))
+    mine, theirs = flat_dict(dataclasses.asdict(user)), flat_dict(dataclasses.asdict(hf))
     bad = [f"model.{k}={mine[k]!r} (the model has {theirs[k]!r})" for k in mine
            if k.split(".")[0] not in FREE_MODEL_KEYS and mine[k] != base[k] and mine[k] != theirs[k]]
     if bad:
@@ -134,13 +134,6 @@ def check_model_conflicts(user: ModelConfig, hf: ModelConfig, where: str) -> Non
     if user.block_size != ModelConfig().block_size and user.block_size > hf.block_size:
         raise ConfigError(f"{where}: model.block_size={user.block_size} exceeds the model's context "
                           f"({hf.block_size} positions)")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def model_for_stage(user: ModelConfig, src: HFSource, where: str) -> ModelConfig:

@@ -32,6 +32,7 @@ from typing import Iterable
 
 from llm_dist.tokenizer.base import EOT, Tokenizer
 from llm_dist.tokenizer.bpe import TokenizerFileError
+from llm_dist.tokenizer.gpt2 import bytes_to_unicode
 
 FORMAT = "llm_dist.hf_tokenizer"
 VERSION = 1
@@ -45,19 +46,6 @@ def _tokenizers_module():  # noqa: ANN202 - the optional `tokenizers` package
         raise TokenizerFileError("tokenizer", "Hugging Face tokenizers need the 'tokenizers' package "
                                  "(pip install tokenizers)") from None
     return tokenizers
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _uses_byte_level(node: object) -> bool:
@@ -168,7 +156,7 @@ class HFTokenizer(Tokenizer):
 
     @cached_property
     def _unicode_to_byte(self) -> dict[str, int]:
-        return {c: b for b, c in _bytes_to_unicode().items()}
+        return {c: b for b, c in bytes_to_unicode().items()}
 
     @cached_property
     def _definition(self) -> dict:
