@@ -28,7 +28,7 @@ from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
 from llm_dist.stages import (EXIT_NONFINITE, EXIT_REQUEUE, RunResult, build_tokenizer, checkpoint_saver,  # noqa: F401
                              open_checkpoints, resolve_path, resolve_vocab, run_fit, setup_init_model,
-                             stage_throughput, write_run_config)
+                             stage_runtime, stage_throughput, write_run_config)
 
 
 def prepare_data(cfg: Config, tok: Tokenizer) -> str:
@@ -84,7 +84,7 @@ def main(cfg: Config) -> RunResult:
     if cfg.model.lora.rank:
         raise ConfigError(f"model.lora.rank={cfg.model.lora.rank}: LoRA is for fine-tuning stages (sft, reward, ppo, "
                           "grpo) that start from a pretrained init_from checkpoint; pretraining trains every weight")
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
+    with stage_runtime(cfg) as rt:
         out_dir = Path(cfg.out_dir)
         init_url = None
         if cfg.checkpoint.init_from:  # the source's tokenizer and architecture (HF folder or checkpoint)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -248,6 +248,13 @@ def lock_run_dir(out_dir: Path) -> RunLock:
     if problem is not None:
         raise RunLockError(problem)
     return lock  # released by cli.run (run_lock.release_all) or at interpreter exit
+
+
+def stage_runtime(cfg: Config) -> ContextManager[Runtime]:
+    """`with stage_runtime(cfg) as rt:` — every stage's process group, built from `cfg.parallel`, with the
+    start-up check that all ranks were started with this same resolved config."""
+    p = cfg.parallel
+    return D.runtime(p.device, p.backend, p.cpu_threads, cfg.to_dict())
 
 
 def stage_throughput(cfg: Config, rt: Runtime, model: Transformer, amp_dtype: torch.dtype, seq_len: int

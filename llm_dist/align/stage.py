@@ -31,7 +31,7 @@ from llm_dist.sft.chat import DataError
 from llm_dist.sft.chat_format import chat_format
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model,
-                             stage_throughput, train_eval_rows, write_run_config)
+                             stage_runtime, stage_throughput, train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
 
@@ -49,7 +49,7 @@ def main(cfg: Config) -> RunResult:
         train_pairs, eval_pairs = split_pairs(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
+    with stage_runtime(cfg) as rt:
         out_dir = Path(cfg.out_dir)
         d, t, fmt = cfg.dpo, cfg.train, chat_format(cfg.chat.template)
         cfg.model.score_head = False  # a policy: the LM head only

@@ -23,8 +23,8 @@ from llm_dist.reward.data import Pair, PairLoader, read_pairs, tokenize_pairs
 from llm_dist.reward.loss import RewardLoss
 from llm_dist.sft.chat import DataError
 from llm_dist.sft.chat_format import chat_format
-from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
-                             train_eval_rows, write_run_config)
+from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model,
+                             stage_runtime, stage_throughput, train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
 
@@ -42,7 +42,7 @@ def main(cfg: Config) -> RunResult:
         train_pairs, eval_pairs = split_pairs(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
+    with stage_runtime(cfg) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = True
         tok, init_url = setup_chat_model(cfg, cfg.reward.init_from)

@@ -39,8 +39,9 @@ from llm_dist.rl.source import RolloutSource, chat_prompt
 from llm_dist.rl.tasks import Task, get_task
 from llm_dist.sft.chat_format import PROJECT, ChatFormat, chat_format
 from llm_dist.sft.evaluate import exact_match
-from llm_dist.stages import (RunResult, check_chat_format, checkpoint_saver, init_from_checkpoint, open_checkpoints,
-                             resolve_checkpoint_url, run_fit, setup_chat_model, stage_throughput, write_run_config)
+from llm_dist.stages import (RunResult, check_chat_format, checkpoint_saver, init_from_checkpoint,
+                             open_checkpoints, resolve_checkpoint_url, run_fit, setup_chat_model,
+                             stage_runtime, stage_throughput, write_run_config)
 from llm_dist.tokenizer import Tokenizer
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Batch, Trainer, resolve_dtype
@@ -115,7 +116,7 @@ def run_rl(cfg: Config, algo: str) -> RunResult:
         task = get_task(r.task, r.task_level, r.task_seed, r.data_dir)
     except (ValueError, OSError) as e:  # unknown task, missing GSM8K files: one line
         raise ConfigError(f"rl.task: {e}") from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
+    with stage_runtime(cfg) as rt:
         out_dir = Path(cfg.out_dir)
         cfg.model.score_head = algo == "ppo"  # PPO's value head shares the policy's backbone
         tok, init_url = setup_chat_model(cfg, r.init_from)

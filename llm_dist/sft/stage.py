@@ -20,8 +20,8 @@ from llm_dist.sft.chat_format import chat_format
 from llm_dist.sft.data import SFTLoader, eval_prompts, tokenize
 from llm_dist.sft.evaluate import exact_match
 from llm_dist.sft.packing import enable_packing, packed_lm_loss
-from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model, stage_throughput,
-                             train_eval_rows, write_run_config)
+from llm_dist.stages import (RunResult, checkpoint_saver, open_checkpoints, run_fit, setup_chat_model,
+                             stage_runtime, stage_throughput, train_eval_rows, write_run_config)
 from llm_dist.train.logger import MetricsLogger
 from llm_dist.train.trainer import Trainer, resolve_dtype
 
@@ -41,7 +41,7 @@ def main(cfg: Config) -> RunResult:
         train_convs, eval_convs = split_conversations(cfg)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    with D.runtime(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.cpu_threads, cfg.to_dict()) as rt:
+    with stage_runtime(cfg) as rt:
         out_dir = Path(cfg.out_dir)
         tok, init_url = setup_chat_model(cfg, cfg.sft.init_from, switch_format=True)
         t, s, fmt = cfg.train, cfg.sft, chat_format(cfg.chat.template)
