@@ -318,7 +318,6 @@ def load_init_source(cfg: Config, init_from: str) -> tuple[Tokenizer, str, Model
     source, the few keys that do not change the weights (`hub.imports.FREE_MODEL_KEYS`); an HF source with
     other model.* keys set to different values is a ConfigError naming them.
     """
-    from llm_dist.checkpoint import resolve_checkpoint
     from llm_dist.hub.imports import HFFormatError, describe, model_for_stage, open_hf, resolve_hf_dir
 
     path = resolve_path(init_from)
